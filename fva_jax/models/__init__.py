@@ -1,0 +1,1 @@
+"""Networks: ResNet backbones with temporal shift, and the full-video model."""
