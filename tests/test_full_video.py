@@ -1,0 +1,261 @@
+"""FullVideoModel: two-pass chunked clustering against plain references, sampling baselines."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from fva_jax import clustering
+from fva_jax.models.full_video import FullVideoModel, dense_indices, uniform_indices
+from fva_jax.models.resnet import ResNetStem, normalize_images
+
+B, T, PX, K = 2, 10, 16, 3
+LENGTHS = (10, 7)  # the second video has 3 padded frames
+
+
+def make_videos(seed=0, b=B, t=T, lengths=LENGTHS):
+    """Smoothly drifting noise with a few cuts, so that the distances vary along time."""
+    rng = np.random.default_rng(seed)
+    base = rng.uniform(0, 255, (b, 4, PX, PX, 3))
+    drift = rng.normal(0, 12, (b, t, PX, PX, 3)).cumsum(axis=1)
+    scene = (np.arange(t) * 4 // t)  # 4 scenes
+    v = np.clip(base[:, scene] + drift, 0, 255).astype(np.uint8)
+    mask = np.arange(t)[None] < np.asarray(lengths)[:, None]
+    return jnp.asarray(v), jnp.asarray(mask)
+
+
+def tiny(**kw):
+    args = dict(num_classes=5, backbone="resnet18", width=8, num_clusters=K, chunk_size=4, dropout_rate=0.0)
+    args.update(kw)
+    return FullVideoModel(**args)
+
+
+@functools.lru_cache(maxsize=None)
+def init_variables(model):
+    v, m = make_videos()
+    return jax.jit(lambda v, m: model.init({"params": jax.random.key(0)}, v, m, train=False))(v, m)
+
+
+@functools.lru_cache(maxsize=None)
+def cached_loss_and_grads(model, method=None):
+    """loss_and_grads, compiled once per (model, method) for the whole module."""
+    return loss_and_grads(model, method)
+
+
+def loss_and_grads(model, method=None):
+    """jit'd (variables, videos, mask, labels) -> ((loss, (segment ids, new batch_stats)), grads)."""
+
+    def loss_fn(params, batch_stats, videos, mask, labels):
+        (logits, seg), upd = model.apply(
+            {"params": params, "batch_stats": batch_stats}, videos, mask, train=True,
+            rngs={"dropout": jax.random.key(1), "sampling": jax.random.key(2)}, mutable=["batch_stats"],
+            method=method,
+        )
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        return loss, (seg, upd["batch_stats"])
+
+    grad = jax.value_and_grad(loss_fn, has_aux=True)
+    return jax.jit(lambda variables, *a: grad(variables["params"], variables["batch_stats"], *a))
+
+
+def assert_trees_close(a, b, rtol=1e-4, scale_tol=1e-4):
+    """Leaf by leaf. Float32 sums taken in another order (chunks vs. all frames) differ by
+    ~1e-6 relative, amplified up to ~1e-5 of a leaf's largest entry by training-mode BatchNorm
+    over the few (B*K) samples of the last stage, so small entries are compared with an
+    absolute tolerance of scale_tol * max|leaf|."""
+    fa, fb = jax.tree_util.tree_flatten_with_path(a)[0], jax.tree_util.tree_flatten_with_path(b)[0]
+    assert [p for p, _ in fa] == [p for p, _ in fb]
+    for (path, x), (_, y) in zip(fa, fb):
+        y = np.asarray(y)
+        atol = scale_tol * float(np.abs(y).max()) + 1e-9
+        np.testing.assert_allclose(np.asarray(x), y, rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path))
+
+
+LABELS = jnp.array([1, 3])
+
+
+@pytest.mark.parametrize("chunk", [3, 4])
+def test_two_pass_equals_unchunked_reference(chunk):
+    """Loss, every gradient leaf, batch statistics and segment ids equal the unchunked math.
+
+    chunk=3 and 4 do not divide T=10 (the last chunk overlaps the previous one); window=2
+    crosses chunk boundaries in pass 1; the second video has padded frames.
+    """
+    model = tiny(chunk_size=chunk, window=2)
+    variables = init_variables(tiny())  # the same parameters for every chunk size
+    v, m = make_videos()
+    (loss, (seg, stats)), grads = cached_loss_and_grads(model)(variables, v, m, LABELS)
+    # The reference applies the clustering library to all frames' activations at once.
+    ref = cached_loss_and_grads(tiny(chunk_size=4, window=2), "unchunked")
+    (rloss, (rseg, rstats)), rgrads = ref(variables, v, m, LABELS)
+    np.testing.assert_array_equal(np.asarray(seg), np.asarray(rseg))
+    assert seg.shape == (B, T) and seg.dtype == jnp.int32
+    assert (np.asarray(seg)[1, LENGTHS[1]:] == K).all() and len(np.unique(np.asarray(seg)[0])) == K
+    np.testing.assert_allclose(float(loss), float(rloss), rtol=1e-5)
+    assert_trees_close(grads, rgrads)
+    assert_trees_close(stats, rstats)
+    # Stem BatchNorm runs on its running statistics (unchanged), trunk BatchNorm trains.
+    assert_trees_close(stats["stem"], variables["batch_stats"]["stem"], rtol=0, scale_tol=0)
+    assert not np.allclose(stats["trunk"]["layer2_0"]["bn1"]["mean"],
+                           variables["batch_stats"]["trunk"]["layer2_0"]["bn1"]["mean"])
+    # Gradients reach the stem (through the rematerialised chunks) and are not all zero.
+    assert float(jnp.abs(grads["stem"]["conv1"]["kernel"]).sum()) > 0
+
+
+def test_slope_method_matches_unchunked():
+    """Slope boundaries follow the largest distances, so this also checks pass 1's distances:
+    window 4 > chunk 3, so windows span up to three chunks."""
+    model = tiny(chunk_size=3, cluster_method="slope", window=4)
+    variables = init_variables(tiny())
+    v, m = make_videos()
+    logits, seg = jax.jit(functools.partial(model.apply, train=False))(variables, v, m)
+    rlogits, rseg = jax.jit(functools.partial(model.apply, train=False, method="unchunked"))(variables, v, m)
+    np.testing.assert_array_equal(np.asarray(seg), np.asarray(rseg))
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(rlogits), rtol=1e-4, atol=1e-5)
+
+
+def test_padded_frames_are_ignored():
+    model = tiny(chunk_size=4, window=2)
+    variables = init_variables(tiny())
+    v, m = make_videos()
+    noisy = v.at[1, LENGTHS[1]:].set(255 - v[1, LENGTHS[1]:])
+    step = cached_loss_and_grads(model)
+    (loss, (seg, _)), grads = step(variables, v, m, LABELS)
+    (loss2, (seg2, _)), grads2 = step(variables, noisy, m, LABELS)
+    np.testing.assert_array_equal(np.asarray(seg), np.asarray(seg2))
+    np.testing.assert_allclose(float(loss), float(loss2), rtol=1e-6)
+    assert_trees_close(grads, grads2, rtol=1e-5, scale_tol=1e-6)
+
+
+class LinearStemModel(FullVideoModel):
+    """Test-only: an affine stem (conv1 + average pool; no BatchNorm, no ReLU, no max-pool)."""
+
+    def _make_stem(self):
+        return ResNetStem(18, self.width, "stage1", linear=True, dtype=self.dtype)
+
+
+def test_linear_stem_clustering_loses_nothing():
+    """The paper's premise, exactly: with a stem that is linear before the cluster point,
+    the mean of the stem outputs of a segment's frames is the stem output of the mean frame.
+    So the clustered two-pass model has the loss and gradients of the whole network run on
+    each segment's average input frame, a model in which every frame enters the stem directly.
+    """
+    model = LinearStemModel(num_classes=5, backbone="resnet18", width=8, num_clusters=K, chunk_size=3,
+                            dropout_rate=0.0)
+    v, m = make_videos(seed=1)
+    # The affine stem has only conv1; reuse the tiny ResNet-18's conv1 and trunk (no new init).
+    full = init_variables(tiny())
+    variables = {"params": {"stem": {"conv1": full["params"]["stem"]["conv1"]}, "trunk": full["params"]["trunk"]},
+                 "batch_stats": {"trunk": full["batch_stats"]["trunk"]}}
+    assert jax.tree.structure(variables) == jax.tree.structure(
+        jax.eval_shape(lambda v, m: model.init({"params": jax.random.key(0)}, v, m, train=False), v, m))
+    (loss, (seg, _)), grads = loss_and_grads(model)(variables, v, m, LABELS)
+
+    def mean_frame_model(module, videos, mask, seg, *, train):
+        frames, counts = clustering.aggregate(normalize_images(videos), seg, K, mask)
+        x = module.stem(frames.reshape((-1,) + frames.shape[2:]), use_running_average=True)
+        return module._head(x.reshape((B, K) + x.shape[1:]), counts > 0, train), seg
+
+    ref = loss_and_grads(model, functools.partial(mean_frame_model, seg=seg))
+    (rloss, _), rgrads = ref(variables, v, m, LABELS)
+    np.testing.assert_allclose(float(loss), float(rloss), rtol=1e-5)
+    assert_trees_close(grads, rgrads)
+
+
+@pytest.mark.parametrize("k", [4, 1])
+def test_degenerate_videos_are_finite(k):
+    """Video 0: all frames identical (distance 0 everywhere); video 1: 2 frames (< K = 4)."""
+    v, m = make_videos(lengths=(T, 2))
+    v = v.at[0].set(v[0, 0])
+    model = tiny(num_clusters=k, chunk_size=4)
+    variables = init_variables(tiny())
+    (loss, (seg, _)), grads = cached_loss_and_grads(model)(variables, v, m, LABELS)
+    assert np.isfinite(float(loss))
+    assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+    seg = np.asarray(seg)
+    assert (seg[1, :2] == [0, min(k, 2) - 1]).all() and (seg[1, 2:] == k).all()
+    assert sorted(set(seg[0])) == list(range(k))  # identical frames: still k equal segments
+    if k > 1:  # the baselines on the same videos (K=1 is no special case for them)
+        for sampling in ("uniform", "dense"):
+            logits, _ = jax.jit(functools.partial(tiny(num_clusters=k, sampling=sampling).apply, train=False))(
+                variables, v, m)
+            assert np.isfinite(np.asarray(logits)).all()
+
+
+def test_sampling_indices():
+    lengths = jnp.array([10, 3, 1, 0])
+    np.testing.assert_array_equal(uniform_indices(lengths, 4)[0], [1, 3, 6, 8])  # TSN centres
+    np.testing.assert_array_equal(uniform_indices(lengths, 4)[1], [0, 1, 1, 2])
+    np.testing.assert_array_equal(uniform_indices(lengths, 4)[2:], 0)
+    u = jax.random.uniform(jax.random.key(0), (4, 4))
+    idx = np.asarray(uniform_indices(lengths, 4, u))
+    for row, n in zip(idx, [10, 3, 1, 0]):
+        lo = [j * n // 4 for j in range(4)]
+        hi = [max((j + 1) * n // 4, lo[j] + 1) for j in range(4)]
+        assert all(lo[j] <= min(row[j], max(n - 1, 0)) <= max(hi[j] - 1, 0) for j in range(4))
+        assert row.max() <= max(n - 1, 0)
+    draws = np.stack([np.asarray(uniform_indices(jnp.array([100]), 4, jax.random.uniform(jax.random.key(s), (1, 4))))[0]
+                      for s in range(20)])
+    assert len({tuple(r) for r in draws}) > 1 and (draws[:, 1] >= 25).all() and (draws[:, 1] < 50).all()
+    np.testing.assert_array_equal(dense_indices(jnp.array([20]), 4, 2)[0], [6, 8, 10, 12])  # span 7, start 13//2
+    np.testing.assert_array_equal(dense_indices(jnp.array([5]), 4, 2)[0], [0, 2, 4, 4])  # short: repeat last
+    starts = [int(dense_indices(jnp.array([20]), 4, 2, jnp.array([[x]]))[0, 0]) for x in (0.0, 0.5, 0.999)]
+    assert starts == [0, 7, 13]
+
+
+def test_baselines_equal_all_frames_when_they_pick_every_frame():
+    """uniform (K = T, centre) and dense (stride 1) pick every frame once, in order: then they
+    are the all-frames network (shift along time, logits averaged)."""
+    t = 4
+    v, m = make_videos(t=t, lengths=(t, t))
+    variables = init_variables(tiny())
+    want, _ = tiny(num_clusters=t).apply(variables, v, m, train=False, method="all_frames")
+    for sampling in ("uniform", "dense"):
+        got, seg = tiny(num_clusters=t, sampling=sampling, dense_stride=1).apply(variables, v, m, train=False)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(np.asarray(seg), np.tile(np.arange(t), (B, 1)))
+
+
+def test_bad_config_and_inputs():
+    v, m = make_videos()
+    with pytest.raises(ValueError, match="sampling"):
+        tiny(sampling="random").init(jax.random.key(0), v, m, train=False)
+    with pytest.raises(ValueError, match="chunk_size"):
+        tiny(chunk_size=0).init(jax.random.key(0), v, m, train=False)
+    with pytest.raises(ValueError, match="mask"):
+        tiny().init(jax.random.key(0), v, m[:, :5], train=False)
+
+
+def test_uniform_training_trains_stem_batchnorm_and_draws_offsets():
+    """Baselines train the whole network: stem BatchNorm on batch statistics (its running mean
+    moves), and the "sampling" rng picks the frames (different keys, different logits)."""
+    model = tiny(sampling="uniform")
+    variables = init_variables(tiny())
+    v, m = make_videos()
+
+    @jax.jit
+    def run(key):
+        return model.apply(variables, v, m, train=True, rngs={"sampling": key, "dropout": key},
+                           mutable=["batch_stats"])
+
+    (logits, seg), upd = run(jax.random.key(0))
+    (logits2, _), _ = run(jax.random.key(1))
+    assert not np.allclose(upd["batch_stats"]["stem"]["bn1"]["mean"], variables["batch_stats"]["stem"]["bn1"]["mean"])
+    assert not np.allclose(np.asarray(logits), np.asarray(logits2))
+    np.testing.assert_array_equal(np.asarray(seg)[1], [0, 0, 1, 1, 2, 2, 2, K, K, K])  # TSN segments of 7 frames
+
+
+def test_bfloat16_model_shapes():
+    """bfloat16 compute: float32 logits and parameters, int32 segment ids (traced, not run)."""
+    model = tiny(dtype=jnp.bfloat16, backbone="resnet50")
+    v, m = make_videos()
+    variables = jax.eval_shape(lambda v, m: model.init({"params": jax.random.key(0)}, v, m, train=False), v, m)
+    (logits, seg), _ = jax.eval_shape(
+        lambda vs, v, m: model.apply(vs, v, m, train=True, rngs={"dropout": jax.random.key(0)},
+                                     mutable=["batch_stats"]), variables, v, m)
+    assert logits.shape == (B, 5) and logits.dtype == jnp.float32
+    assert seg.shape == (B, T) and seg.dtype == jnp.int32
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables))
