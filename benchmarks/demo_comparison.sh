@@ -2,14 +2,14 @@
 # Full-video clustering vs frame sampling on sparse_events (configs/demo.py), on CPU.
 #
 # Four trainings of the same network (ResNet-18 width 8, 32 px, K=8 frames/clusters) with the
-# same number of steps (10 epochs of sparse_events/small = 320 steps of batch 8), the same
+# same number of steps (16 epochs of sparse_events/small = 512 steps of batch 8), the same
 # optimizer and schedule; only config.model.sampling / cluster_method differ:
 #   full_cumulative  full video, cumulative clustering (the paper's method; the first 2 of the
-#                    10 epochs use uniform sampling, as in the paper, which also trains the
+#                    16 epochs use uniform sampling, as in the paper, which also trains the
 #                    stem BatchNorm statistics that full-video training keeps frozen)
 #   full_slope       the same with slope clustering
-#   uniform          TSN uniform sampling of K frames, all 10 epochs
-#   dense            K consecutive frames, dense_stride 2 apart, all 10 epochs
+#   uniform          TSN uniform sampling of K frames, all 16 epochs
+#   dense            K consecutive frames, dense_stride 2 apart, all 16 epochs
 # then prints a Markdown table of test top-1 / mean class accuracy from each
 # WORKDIR/final_metrics.json.
 #

@@ -3,8 +3,8 @@
 Procedural videos (sparse_events "small": 256 train / 64 test videos of 48-128 frames,
 64x64, 6 classes) whose class shows in only 4 consecutive frames, so uniformly sampled
 frames usually miss it while the full-video model sees every frame. A ResNet-18 of width 8
-at 32 px with K=8 clusters trains and evaluates in about 10 minutes on 2 CPU cores
-(building the data set included):
+at 32 px with K=8 clusters trains (16 epochs, 512 steps) and evaluates in about 10 minutes
+on 2 CPU cores (building the data set included):
 
   python -m fva_jax.main --config=configs/demo.py --workdir=/tmp/fva_demo
   tensorboard --logdir=/tmp/fva_demo
@@ -27,7 +27,7 @@ def get_config():
   # 64 px frame shrunk to 32 px, the scale of the training crops (0.66-1.0 of the shorter
   # side, resized to 32). With resize_short=64 the test crop was the centre 32 px at twice
   # the training scale, and the event shape (26-38 px, anywhere in the frame) was often
-  # half outside it: top-1 39% vs ~90% here (benchmarks/demo_comparison.sh).
+  # half outside it (top-1 39% then).
   config.data.resize_short = 32
   config.data.crop_size = 32
   config.data.shuffle_buffer = 256
@@ -38,20 +38,21 @@ def get_config():
   config.model.chunk_size = 32
   config.model.dropout_rate = 0.2
 
-  # Trained from scratch (no ImageNet weights), so a larger learning rate than the paper's
-  # fine-tuning recipe, with warm-up and cosine decay.
+  # Trained from scratch (no ImageNet weights): AdamW learns this tiny network much faster
+  # than the paper's SGD fine-tuning recipe. Measured on full-video cumulative training:
+  # SGD lr 0.05, 10 epochs 29.7% test top-1; AdamW 10 epochs 45.3%; AdamW 16 epochs 50.0%.
   config.train.batch_size = 8
-  config.train.num_epochs = 10.0
-  config.train.log_every_steps = 16
+  config.train.num_epochs = 16.0
+  config.train.log_every_steps = 32
   # As in the paper, start with uniform sampling: it also calibrates the stem's BatchNorm
   # statistics, which full-video training keeps frozen (DESIGN.md §2).
   config.train.uniform_warmup_epochs = 2.0
-  config.optim.name = "sgd"
-  config.optim.weight_decay = 1e-4
+  config.optim.name = "adamw"
+  config.optim.weight_decay = 0.01
   config.optim.classifier_lr_mult = 1.0
   config.optim.classifier_bias_lr_mult = 1.0
   config.schedule.name = "cosine"
-  config.schedule.base_lr = 0.05
+  config.schedule.base_lr = 0.003
   config.schedule.warmup_epochs = 0.5
 
   config.checkpoint.every_steps = 64
