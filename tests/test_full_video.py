@@ -126,8 +126,11 @@ def test_padded_frames_are_ignored():
     (loss, (seg, _)), grads = step(variables, v, m, LABELS)
     (loss2, (seg2, _)), grads2 = step(variables, noisy, m, LABELS)
     np.testing.assert_array_equal(np.asarray(seg), np.asarray(seg2))
-    np.testing.assert_allclose(float(loss), float(loss2), rtol=1e-6)
-    assert_trees_close(grads, grads2, rtol=1e-5, scale_tol=1e-6)
+    # Not exact: on GPUs segment_sum's atomic adds sum in a varying order (H200: loss 1.8e-6
+    # relative), amplified in the gradients as in assert_trees_close. Padding that leaked in
+    # (inverted frames here) would change them by far more.
+    np.testing.assert_allclose(float(loss), float(loss2), rtol=1e-5)
+    assert_trees_close(grads, grads2)
 
 
 class LinearStemModel(FullVideoModel):
