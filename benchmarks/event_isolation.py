@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fva_jax import clustering, predict, train, visualize  # noqa: E402
+from fva_jax import clustering, clustering_demo, predict, train, visualize  # noqa: E402
 from fva_jax.data import sparse_events  # noqa: E402
 
 
@@ -58,7 +58,7 @@ def main() -> None:
   for i in range(args.videos):
     v = sparse_events.make_video(spec, "test", i)
     frames = predict.eval_preprocess(v["video"], data_config) if data_config else v["video"]
-    bits, num_features = visualize.chunked_bits(features, frames)
+    bits, num_features = clustering_demo.chunked_bits(features, frames)
     d = np.asarray(clustering.hamming_distances(jnp.asarray(bits), num_features=num_features))
     start, n = v["event_start"], spec.event_frames
     onset = d[start - 1] if start > 0 else d[start + n - 1]  # the jump into (or out of) the event

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import pathlib
 import sys
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -50,24 +50,25 @@ def random_features(frames: jax.Array, *, seed: int = 0, channels: int = 32) -> 
     return jax.nn.relu(y).reshape(frames.shape[0], -1)
 
 
-def video_bits(frames: np.ndarray, *, chunk_size: int = 32, seed: int = 0) -> tuple[np.ndarray, int]:
-    """Sign bits of the random features, computed chunk by chunk (bounded memory).
+def chunked_bits(feature_fn: Callable, frames: np.ndarray, chunk_size: int = 32) -> tuple[np.ndarray, int]:
+    """Sign bits of ``feature_fn`` (uint8 (n, H, W, 3) -> float (n, F)) over a video, chunk by
+    chunk (bounded memory; one jitted shape for every chunk, the last one zero-padded).
 
     Returns:
       (bits uint8 (T, ceil(F/8)), F).
     """
-    @jax.jit
-    def chunk_bits(chunk):
-        return clustering.sign_bits(random_features(chunk, seed=seed))
+    fn = jax.jit(lambda chunk: clustering.sign_bits(feature_fn(chunk)))
+    t = frames.shape[0]
+    c = min(chunk_size, t)
+    padded = np.concatenate([frames, np.zeros(((-t) % c,) + frames.shape[1:], frames.dtype)])
+    bits = np.concatenate([np.asarray(fn(padded[i:i + c])) for i in range(0, len(padded), c)])[:t]
+    num_features = jax.eval_shape(feature_fn, jax.ShapeDtypeStruct((1,) + frames.shape[1:], jnp.uint8)).shape[-1]
+    return bits, int(num_features)
 
-    num_frames = frames.shape[0]
-    pad = (-num_frames) % chunk_size  # one compiled shape for every chunk
-    padded = np.concatenate([frames, np.zeros((pad,) + frames.shape[1:], frames.dtype)])
-    bits = [np.asarray(chunk_bits(padded[i:i + chunk_size]))
-            for i in range(0, padded.shape[0], chunk_size)]
-    num_features = jax.eval_shape(lambda f: random_features(f, seed=seed),
-                                  jax.ShapeDtypeStruct((1,) + frames.shape[1:], jnp.uint8)).shape[-1]
-    return np.concatenate(bits)[:num_frames], num_features
+
+def video_bits(frames: np.ndarray, *, chunk_size: int = 32, seed: int = 0) -> tuple[np.ndarray, int]:
+    """Sign bits of the random features (`chunked_bits` of `random_features`)."""
+    return chunked_bits(lambda chunk: random_features(chunk, seed=seed), frames, chunk_size)
 
 
 def segments_of(ids: np.ndarray) -> list[tuple[int, int, int]]:

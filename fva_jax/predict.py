@@ -68,16 +68,13 @@ def load_video(path, data_config) -> np.ndarray:
   return eval_preprocess(frames, data_config)
 
 
-def segments(segment_ids: np.ndarray, num_clusters: int, stride: int = 1
-             ) -> list[tuple[int, int, int, int]]:
+def segments(segment_ids: np.ndarray, stride: int = 1) -> list[tuple[int, int, int, int]]:
   """(segment id, first source frame, last source frame, number of frames) of every
   non-empty segment, in id order; segment_ids (T,) of the valid frames."""
-  out = []
-  for k in range(num_clusters):
-    where = np.flatnonzero(np.asarray(segment_ids) == k)
-    if where.size:
-      out.append((k, int(where[0]) * stride, int(where[-1]) * stride, int(where.size)))
-  return out
+  from fva_jax.clustering_demo import segments_of  # pylint: disable=g-import-not-at-top
+  ids = np.asarray(segment_ids)
+  return [(int(ids[first]), first * stride, last * stride, size)
+          for first, last, size in segments_of(ids)]
 
 
 class Predictor:
@@ -115,7 +112,7 @@ class Predictor:
     return {"path": str(path), "frames": n, "probabilities": probs.astype(np.float32),
             "top": [(self.class_name(i), float(probs[i])) for i in order],
             "segment_ids": ids,
-            "segments": segments(ids, self.config.model.num_clusters, d.frame_stride)}
+            "segments": segments(ids, d.frame_stride)}
 
   def class_name(self, index: int) -> str:
     return self.class_names[index] if index < len(self.class_names) else str(index)

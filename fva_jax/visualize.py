@@ -235,26 +235,6 @@ def save_png(image: np.ndarray, path: str | pathlib.Path) -> pathlib.Path:
 # ----------------------------------------------------------------------------- features
 
 
-def chunked_bits(feature_fn: Callable, frames: np.ndarray, chunk_size: int = 32) -> tuple[np.ndarray, int]:
-    """Sign bits of ``feature_fn`` (uint8 (n, H, W, 3) -> float (n, F)) over a video, chunk by chunk.
-
-    One jitted shape for every chunk (the last one is zero-padded). Returns
-    (bits uint8 (T, ceil(F/8)), F).
-    """
-    import jax
-    import jax.numpy as jnp
-
-    from fva_jax import clustering
-
-    fn = jax.jit(lambda chunk: clustering.sign_bits(feature_fn(chunk)))
-    t = frames.shape[0]
-    c = min(chunk_size, t)
-    padded = np.concatenate([frames, np.zeros(((-t) % c,) + frames.shape[1:], frames.dtype)])
-    bits = np.concatenate([np.asarray(fn(padded[i: i + c])) for i in range(0, len(padded), c)])[:t]
-    num_features = jax.eval_shape(feature_fn, jax.ShapeDtypeStruct((1,) + frames.shape[1:], jnp.uint8)).shape[-1]
-    return bits, int(num_features)
-
-
 def random_feature_fn(seed: int = 0) -> Callable:
     """The fixed random-weight conv features of ``fva_jax.clustering_demo``."""
     from fva_jax import clustering_demo
@@ -326,7 +306,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Writes the picture; returns dict(out=path, segment_ids, distances, frames=T)."""
-    from fva_jax import clustering
+    from fva_jax import clustering, clustering_demo
     from fva_jax.data import video as video_lib
 
     args = parse_args(argv)
@@ -342,7 +322,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             raise SystemExit(f"visualize: {err}") from None
     else:
         feature_fn, what = random_feature_fn(args.seed), "fixed random conv features"
-    bits, num_features = chunked_bits(feature_fn, frames, args.chunk_size)
+    bits, num_features = clustering_demo.chunked_bits(feature_fn, frames, args.chunk_size)
     distances = np.asarray(clustering.hamming_distances(bits, args.window, num_features=num_features))
     segment = clustering.cumulative_segments if args.method == "cumulative" else clustering.slope_segments
     ids = np.asarray(segment(distances, args.num_clusters))
