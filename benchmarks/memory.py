@@ -41,8 +41,13 @@ def train_step_fn(model, method=None):
     def step(variables, videos, mask, labels, rng):
         def loss_fn(params):
             (logits, _), updates = model.apply(
-                {"params": params, "batch_stats": variables["batch_stats"]}, videos, mask, train=True,
-                rngs={"dropout": rng, "sampling": rng}, mutable=["batch_stats"], method=method,
+                {"params": params, "batch_stats": variables["batch_stats"]},
+                videos,
+                mask,
+                train=True,
+                rngs={"dropout": rng, "sampling": rng},
+                mutable=["batch_stats"],
+                method=method,
             )
             return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), updates
 
@@ -62,7 +67,9 @@ def compiled_step(model, frames, resolution, batch, method=None):
     variables = jax.eval_shape(
         lambda v, m: model.init({"params": jax.random.key(0)}, v, m, train=False), videos, mask
     )
-    return jax.jit(train_step_fn(model, method)).lower(variables, videos, mask, labels, rng).compile()
+    return (
+        jax.jit(train_step_fn(model, method)).lower(variables, videos, mask, labels, rng).compile()
+    )
 
 
 def temp_bytes(model, frames, resolution, batch, method=None) -> int:
@@ -74,25 +81,43 @@ def temp_bytes(model, frames, resolution, batch, method=None) -> int:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", default="resnet50", choices=["resnet18", "resnet50"])
     p.add_argument("--resolution", type=int, default=224)
     p.add_argument("--num-clusters", type=int, default=16)
-    p.add_argument("--frames", default="256,1024,4096,27000", help="comma-separated video lengths T")
+    p.add_argument(
+        "--frames", default="256,1024,4096,27000", help="comma-separated video lengths T"
+    )
     p.add_argument("--width", type=int, default=64, help="base width (64 = torchvision)")
     p.add_argument("--chunk-size", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--skip-unchunked-above", type=int, default=0,
-                   help="do not compile the unchunked step for T above this (0 = never skip)")
+    p.add_argument(
+        "--skip-unchunked-above",
+        type=int,
+        default=0,
+        help="do not compile the unchunked step for T above this (0 = never skip)",
+    )
     args = p.parse_args(argv)
     frames = [int(f) for f in args.frames.split(",")]
-    common = dict(num_classes=100, backbone=args.model, width=args.width, num_clusters=args.num_clusters,
-                  chunk_size=args.chunk_size, dtype=jnp.dtype(args.dtype))
+    common = dict(
+        num_classes=100,
+        backbone=args.model,
+        width=args.width,
+        num_clusters=args.num_clusters,
+        chunk_size=args.chunk_size,
+        dtype=jnp.dtype(args.dtype),
+    )
     cluster = FullVideoModel(sampling="cluster", **common)
     uniform = FullVideoModel(sampling="uniform", **common)
-    print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}); {args.model} width {args.width}, "
-          f"{args.resolution}px, K={args.num_clusters}, chunk {args.chunk_size}, batch {args.batch_size}, {args.dtype}")
+    print(
+        f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}); {args.model} "
+        f"width {args.width}, "
+        f"{args.resolution}px, K={args.num_clusters}, chunk {args.chunk_size}, "
+        f"batch {args.batch_size}, {args.dtype}"
+    )
     full, unchunked = [], []
     for t in frames:
         print(f"T={t}", file=sys.stderr)
@@ -100,20 +125,36 @@ def main(argv=None):
         if args.skip_unchunked_above and t > args.skip_unchunked_above:
             unchunked.append(None)
         else:
-            unchunked.append(temp_bytes(cluster, t, args.resolution, args.batch_size, method="unchunked"))
+            unchunked.append(
+                temp_bytes(cluster, t, args.resolution, args.batch_size, method="unchunked")
+            )
     uni = temp_bytes(uniform, frames[-1], args.resolution, args.batch_size)
     print(f"{'T':>8} {'full-video MiB':>15} {'unchunked MiB':>15} {'uniform MiB':>12}")
     for t, f, u in zip(frames, full, unchunked):
         us = f"{u / 2**20:15.1f}" if u is not None else f"{'skipped':>15}"
         print(f"{t:>8} {f / 2**20:15.1f} {us} {uni / 2**20:12.1f}")
-    print(f"full-video growth {frames[0]}->{frames[-1]} frames: {full[-1] / full[0]:.3f}x; "
-          f"full-video / uniform at T={frames[-1]}: {full[-1] / uni:.2f}x")
-    print(json.dumps({
-        "frames": frames, "full_video_temp_bytes": full, "unchunked_temp_bytes": unchunked,
-        "uniform_temp_bytes": uni, "model": args.model, "resolution": args.resolution,
-        "num_clusters": args.num_clusters, "width": args.width, "chunk_size": args.chunk_size,
-        "batch_size": args.batch_size, "dtype": args.dtype, "device": jax.devices()[0].device_kind,
-    }))
+    print(
+        f"full-video growth {frames[0]}->{frames[-1]} frames: {full[-1] / full[0]:.3f}x; "
+        f"full-video / uniform at T={frames[-1]}: {full[-1] / uni:.2f}x"
+    )
+    print(
+        json.dumps(
+            {
+                "frames": frames,
+                "full_video_temp_bytes": full,
+                "unchunked_temp_bytes": unchunked,
+                "uniform_temp_bytes": uni,
+                "model": args.model,
+                "resolution": args.resolution,
+                "num_clusters": args.num_clusters,
+                "width": args.width,
+                "chunk_size": args.chunk_size,
+                "batch_size": args.batch_size,
+                "dtype": args.dtype,
+                "device": jax.devices()[0].device_kind,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Wall time and FLOPs of one training step: sampling="cluster" vs "uniform" vs "dense".
 
 Compiles one SGD training step (forward + backward + update) per sampling on the same batch
-of whole videos (plus "unchunked": the clustered math in one piece, no scan, no remat), then times them interleaved (round robin, median of --steps runs each), so
-load on a shared machine hits all three alike. Times are reported as ratios to uniform; on an
+of whole videos (plus "unchunked": the clustered math in one piece, no scan, no remat), then
+times them interleaved (round robin, median of --steps runs each), so load on a shared
+machine hits all three alike. Times are reported as ratios to uniform; on an
 accelerator the absolute milliseconds are printed too (the device is named).
 
 FLOPs come from XLA's ``compiled.cost_analysis()``. XLA counts the body of a while loop
@@ -34,10 +35,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from memory import train_step_fn  # noqa: E402  (benchmarks/memory.py)
 
 from fva_jax.models.full_video import FullVideoModel  # noqa: E402
 from fva_jax.models.resnet import normalize_images  # noqa: E402
-from memory import train_step_fn  # noqa: E402  (benchmarks/memory.py)
 
 
 def flops(compiled) -> float:
@@ -47,7 +48,9 @@ def flops(compiled) -> float:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", default="resnet18", choices=["resnet18", "resnet50"])
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--resolution", type=int, default=64)
@@ -55,16 +58,26 @@ def main(argv=None):
     p.add_argument("--num-clusters", type=int, default=8)
     p.add_argument("--chunk-size", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--steps", type=int, default=5, help="timed steps per sampling (after one warm-up)")
+    p.add_argument(
+        "--steps", type=int, default=5, help="timed steps per sampling (after one warm-up)"
+    )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = p.parse_args(argv)
 
     dev = jax.devices()[0]
-    print(f"device: {dev.device_kind} ({jax.default_backend()}), {args.model} width {args.width}, "
-          f"{args.resolution}px, T={args.frames}, K={args.num_clusters}, chunk {args.chunk_size}, "
-          f"batch {args.batch_size}, {args.dtype}")
-    common = dict(num_classes=100, backbone=args.model, width=args.width, num_clusters=args.num_clusters,
-                  chunk_size=args.chunk_size, dtype=jnp.dtype(args.dtype))
+    print(
+        f"device: {dev.device_kind} ({jax.default_backend()}), {args.model} width {args.width}, "
+        f"{args.resolution}px, T={args.frames}, K={args.num_clusters}, chunk {args.chunk_size}, "
+        f"batch {args.batch_size}, {args.dtype}"
+    )
+    common = dict(
+        num_classes=100,
+        backbone=args.model,
+        width=args.width,
+        num_clusters=args.num_clusters,
+        chunk_size=args.chunk_size,
+        dtype=jnp.dtype(args.dtype),
+    )
     rng = np.random.default_rng(0)
     shape = (args.batch_size, args.frames, args.resolution, args.resolution, 3)
     videos = jnp.asarray(rng.integers(0, 256, shape, dtype=np.uint8))
@@ -73,27 +86,41 @@ def main(argv=None):
     key = jax.random.key(1)
 
     models = {s: FullVideoModel(sampling=s, **common) for s in ("cluster", "uniform", "dense")}
-    variables = jax.jit(lambda v, m: models["cluster"].init({"params": jax.random.key(0)}, v, m, train=False))(
-        videos, mask)
+    variables = jax.jit(
+        lambda v, m: models["cluster"].init({"params": jax.random.key(0)}, v, m, train=False)
+    )(videos, mask)
     steps, fl = {}, {}
     for name, model in models.items():
         t0 = time.time()
-        steps[name] = jax.jit(train_step_fn(model)).lower(variables, videos, mask, labels, key).compile()
+        steps[name] = (
+            jax.jit(train_step_fn(model)).lower(variables, videos, mask, labels, key).compile()
+        )
         fl[name] = flops(steps[name])
         print(f"  compiled {name} in {time.time() - t0:.1f}s", file=sys.stderr)
     raw_cluster = fl["cluster"]
-    unchunked = jax.jit(train_step_fn(models["cluster"], "unchunked")).lower(
-        variables, videos, mask, labels, key).compile()
-    stem_fwd = jax.jit(lambda vs, v: models["cluster"].apply(
-        vs, normalize_images(v.reshape((-1,) + v.shape[2:]), common["dtype"]),
-        method=lambda m, x: m.stem(x, use_running_average=True))).lower(variables, videos).compile()
+    unchunked = (
+        jax.jit(train_step_fn(models["cluster"], "unchunked"))
+        .lower(variables, videos, mask, labels, key)
+        .compile()
+    )
+    stem_fwd = (
+        jax.jit(
+            lambda vs, v: models["cluster"].apply(
+                vs,
+                normalize_images(v.reshape((-1,) + v.shape[2:]), common["dtype"]),
+                method=lambda m, x: m.stem(x, use_running_average=True),
+            )
+        )
+        .lower(variables, videos)
+        .compile()
+    )
     fl["cluster"] = flops(unchunked) + 2 * flops(stem_fwd)
     # The same clustered math without chunks or rematerialisation (memory O(T)): shows what the
     # two passes and the scan cost in time.
     steps["unchunked"], fl["unchunked"] = unchunked, flops(unchunked)
 
     times = {name: [] for name in steps}
-    for name, step in steps.items():  # warm-up
+    for step in steps.values():  # warm-up
         jax.block_until_ready(step(variables, videos, mask, labels, key))
     for _ in range(args.steps):
         for name, step in steps.items():
@@ -102,16 +129,33 @@ def main(argv=None):
             times[name].append(time.perf_counter() - t0)
     med = {name: statistics.median(ts) for name, ts in times.items()}
     accel = jax.default_backend() != "cpu"
-    print(f"{'sampling':>9} {'time/uniform':>13} {'GFLOPs':>9} {'FLOPs/uniform':>14}" + ("   ms/step" if accel else ""))
+    print(
+        f"{'sampling':>9} {'time/uniform':>13} {'GFLOPs':>9} {'FLOPs/uniform':>14}"
+        + ("   ms/step" if accel else "")
+    )
     for name in steps:
-        line = f"{name:>9} {med[name] / med['uniform']:13.2f} {fl[name] / 1e9:9.2f} {fl[name] / fl['uniform']:14.2f}"
+        line = (
+            f"{name:>9} {med[name] / med['uniform']:13.2f} {fl[name] / 1e9:9.2f} "
+            f"{fl[name] / fl['uniform']:14.2f}"
+        )
         print(line + (f" {1e3 * med[name]:9.1f}" if accel else ""))
-    print(f"(cluster raw cost_analysis, scan bodies counted once: {raw_cluster / 1e9:.2f} GFLOPs; "
-          f"unchunked step {flops(unchunked) / 1e9:.2f}, stem forward on all frames {flops(stem_fwd) / 1e9:.2f})")
-    out = {"device": dev.device_kind, "sampling": list(steps),
-           "time_ratio_to_uniform": [med[n] / med["uniform"] for n in steps],
-           "flops": [fl[n] for n in steps], "frames": args.frames, "num_clusters": args.num_clusters,
-           "resolution": args.resolution, "model": args.model, "width": args.width, "batch_size": args.batch_size}
+    print(
+        f"(cluster raw cost_analysis, scan bodies counted once: {raw_cluster / 1e9:.2f} GFLOPs; "
+        f"unchunked step {flops(unchunked) / 1e9:.2f}, "
+        f"stem forward on all frames {flops(stem_fwd) / 1e9:.2f})"
+    )
+    out = {
+        "device": dev.device_kind,
+        "sampling": list(steps),
+        "time_ratio_to_uniform": [med[n] / med["uniform"] for n in steps],
+        "flops": [fl[n] for n in steps],
+        "frames": args.frames,
+        "num_clusters": args.num_clusters,
+        "resolution": args.resolution,
+        "model": args.model,
+        "width": args.width,
+        "batch_size": args.batch_size,
+    }
     if accel:
         out["ms_per_step"] = [1e3 * med[n] for n in steps]
     print(json.dumps(out))

@@ -15,17 +15,17 @@ from fva_jax import config_lib
 
 
 def get_config():
-  config = config_lib.default_config()
-  config.data.name = "breakfast"
-  config.data.builder_config = "s1"
-  config.data.train_split = "train"
-  config.data.eval_split = "test"
-  # Videos are 15 fps and last minutes; every second frame (7.5 fps) and up to 2048 frames
-  # (~4.5 min) keeps a host batch of 16 videos in a few GB of RAM. Longer videos are capped.
-  config.data.frame_stride = 2
-  config.data.max_frames = 2048
-  config.model.backbone = "resnet50"
-  config.model.num_clusters = 16
-  # The paper's first epochs use uniform sampling; how many is not stated, we use 5.
-  config.train.uniform_warmup_epochs = 5.0
-  return config
+    config = config_lib.default_config()
+    config.data.name = "breakfast"
+    config.data.builder_config = "s1"
+    config.data.train_split = "train"
+    config.data.eval_split = "test"
+    # Videos are 15 fps and last minutes; every second frame (7.5 fps) and up to 2048 frames
+    # (~4.5 min) keeps a host batch of 16 videos in a few GB of RAM. Longer videos are capped.
+    config.data.frame_stride = 2
+    config.data.max_frames = 2048
+    config.model.backbone = "resnet50"
+    config.model.num_clusters = 16
+    # The paper's first epochs use uniform sampling; how many is not stated, we use 5.
+    config.train.uniform_warmup_epochs = 5.0
+    return config

@@ -17,45 +17,45 @@ from fva_jax import config_lib
 
 
 def get_config():
-  config = config_lib.default_config()
-  config.data.name = "sparse_events"
-  config.data.builder_config = "small"
-  config.data.train_split = "train"
-  config.data.eval_split = "test"
-  config.data.max_frames = 128
-  # TSN geometry at demo scale: resize_short = crop_size makes the test crop the whole
-  # 64 px frame shrunk to 32 px, the scale of the training crops (0.66-1.0 of the shorter
-  # side, resized to 32). With resize_short=64 the test crop was the centre 32 px at twice
-  # the training scale, and the event shape (26-38 px, anywhere in the frame) was often
-  # half outside it (top-1 39% then).
-  config.data.resize_short = 32
-  config.data.crop_size = 32
-  config.data.shuffle_buffer = 256
+    config = config_lib.default_config()
+    config.data.name = "sparse_events"
+    config.data.builder_config = "small"
+    config.data.train_split = "train"
+    config.data.eval_split = "test"
+    config.data.max_frames = 128
+    # TSN geometry at demo scale: resize_short = crop_size makes the test crop the whole
+    # 64 px frame shrunk to 32 px, the scale of the training crops (0.66-1.0 of the shorter
+    # side, resized to 32). With resize_short=64 the test crop was the centre 32 px at twice
+    # the training scale, and the event shape (26-38 px, anywhere in the frame) was often
+    # half outside it (top-1 39% then).
+    config.data.resize_short = 32
+    config.data.crop_size = 32
+    config.data.shuffle_buffer = 256
 
-  config.model.backbone = "resnet18"
-  config.model.width = 8
-  config.model.num_clusters = 8
-  config.model.chunk_size = 32
-  config.model.dropout_rate = 0.2
+    config.model.backbone = "resnet18"
+    config.model.width = 8
+    config.model.num_clusters = 8
+    config.model.chunk_size = 32
+    config.model.dropout_rate = 0.2
 
-  # Trained from scratch (no ImageNet weights): AdamW learns this tiny network much faster
-  # than the paper's SGD fine-tuning recipe. Measured on full-video cumulative training:
-  # SGD lr 0.05, 10 epochs 29.7% test top-1; AdamW 10 epochs 45.3%; AdamW 16 epochs 50.0%.
-  config.train.batch_size = 8
-  config.train.num_epochs = 16.0
-  config.train.log_every_steps = 32
-  # As in the paper, start with uniform sampling: it also calibrates the stem's BatchNorm
-  # statistics, which full-video training keeps frozen (DESIGN.md §2).
-  config.train.uniform_warmup_epochs = 2.0
-  config.optim.name = "adamw"
-  config.optim.weight_decay = 0.01
-  config.optim.classifier_lr_mult = 1.0
-  config.optim.classifier_bias_lr_mult = 1.0
-  config.schedule.name = "cosine"
-  config.schedule.base_lr = 0.003
-  config.schedule.warmup_epochs = 0.5
+    # Trained from scratch (no ImageNet weights): AdamW learns this tiny network much faster
+    # than the paper's SGD fine-tuning recipe. Measured on full-video cumulative training:
+    # SGD lr 0.05, 10 epochs 29.7% test top-1; AdamW 10 epochs 45.3%; AdamW 16 epochs 50.0%.
+    config.train.batch_size = 8
+    config.train.num_epochs = 16.0
+    config.train.log_every_steps = 32
+    # As in the paper, start with uniform sampling: it also calibrates the stem's BatchNorm
+    # statistics, which full-video training keeps frozen (DESIGN.md §2).
+    config.train.uniform_warmup_epochs = 2.0
+    config.optim.name = "adamw"
+    config.optim.weight_decay = 0.01
+    config.optim.classifier_lr_mult = 1.0
+    config.optim.classifier_bias_lr_mult = 1.0
+    config.schedule.name = "cosine"
+    config.schedule.base_lr = 0.003
+    config.schedule.warmup_epochs = 0.5
 
-  config.checkpoint.every_steps = 64
-  config.eval.batch_size = 8
-  config.eval.also_uniform = True
-  return config
+    config.checkpoint.every_steps = 64
+    config.eval.batch_size = 8
+    config.eval.also_uniform = True
+    return config

@@ -8,14 +8,14 @@ from fva_jax import config_lib
 
 
 def get_config():
-  config = config_lib.default_config()
-  config.data.name = "hmdb51"
-  config.data.builder_config = "split1"
-  config.data.train_split = "train"
-  config.data.eval_split = "test"
-  # Clips average ~3-4 s; 300 frames (10 s at 30 fps) covers nearly all of them whole.
-  config.data.max_frames = 300
-  config.model.backbone = "resnet50"
-  config.model.num_clusters = 8
-  config.train.uniform_warmup_epochs = 5.0
-  return config
+    config = config_lib.default_config()
+    config.data.name = "hmdb51"
+    config.data.builder_config = "split1"
+    config.data.train_split = "train"
+    config.data.eval_split = "test"
+    # Clips average ~3-4 s; 300 frames (10 s at 30 fps) covers nearly all of them whole.
+    config.data.max_frames = 300
+    config.model.backbone = "resnet50"
+    config.model.num_clusters = 8
+    config.train.uniform_warmup_epochs = 5.0
+    return config

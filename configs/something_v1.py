@@ -10,13 +10,13 @@ from fva_jax import config_lib
 
 
 def get_config():
-  config = config_lib.default_config()
-  config.data.name = "something_something_v1"
-  config.data.train_split = "train"
-  config.data.eval_split = "validation"  # the test split has no labels
-  config.data.max_frames = 96             # clips are 2-6 s at 12 fps (<= ~72 frames)
-  config.data.hflip = False
-  config.model.backbone = "resnet50"
-  config.model.num_clusters = 16
-  config.train.uniform_warmup_epochs = 5.0
-  return config
+    config = config_lib.default_config()
+    config.data.name = "something_something_v1"
+    config.data.train_split = "train"
+    config.data.eval_split = "validation"  # the test split has no labels
+    config.data.max_frames = 96  # clips are 2-6 s at 12 fps (<= ~72 frames)
+    config.data.hflip = False
+    config.model.backbone = "resnet50"
+    config.model.num_clusters = 16
+    config.train.uniform_warmup_epochs = 5.0
+    return config

@@ -310,8 +310,12 @@ def _slope(d: jax.Array, mask: Any, k: int) -> jax.Array:
     chosen = jnp.take_along_axis(has_next, idx, axis=-1)
     rows = idx.reshape(-1, picks)
     batch = jnp.arange(rows.shape[0])[:, None]
-    boundary = (jnp.zeros((rows.shape[0], num_frames), bool)
-                .at[batch, rows].max(chosen.reshape(-1, picks)).reshape(d.shape))
+    boundary = (
+        jnp.zeros((rows.shape[0], num_frames), bool)
+        .at[batch, rows]
+        .max(chosen.reshape(-1, picks))
+        .reshape(d.shape)
+    )
     # A boundary after t raises the id of every later frame by one.
     after = jnp.cumsum(boundary.astype(jnp.int32), axis=-1) - boundary.astype(jnp.int32)
     return jnp.where(valid, after, k).astype(jnp.int32)

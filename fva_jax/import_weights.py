@@ -90,9 +90,15 @@ _STORAGE_DTYPES: dict[str, Callable[[], np.dtype]] = {
 }
 # safetensors dtype names
 _SAFETENSORS_DTYPES: dict[str, Callable[[], np.dtype]] = {
-    "F32": lambda: np.dtype("<f4"), "F64": lambda: np.dtype("<f8"), "F16": lambda: np.dtype("<f2"),
-    "BF16": _bfloat16, "I64": lambda: np.dtype("<i8"), "I32": lambda: np.dtype("<i4"),
-    "I16": lambda: np.dtype("<i2"), "I8": lambda: np.dtype("i1"), "U8": lambda: np.dtype("u1"),
+    "F32": lambda: np.dtype("<f4"),
+    "F64": lambda: np.dtype("<f8"),
+    "F16": lambda: np.dtype("<f2"),
+    "BF16": _bfloat16,
+    "I64": lambda: np.dtype("<i8"),
+    "I32": lambda: np.dtype("<i4"),
+    "I16": lambda: np.dtype("<i2"),
+    "I8": lambda: np.dtype("i1"),
+    "U8": lambda: np.dtype("u1"),
     "BOOL": lambda: np.dtype("?"),
 }
 
@@ -140,7 +146,11 @@ def _rebuild_tensor(storage, storage_offset, size, stride, *_ignored):
     """numpy view of a 1-D storage array (strides in elements), copied to a C-contiguous array."""
     if not isinstance(storage, np.ndarray) or storage.ndim != 1:
         raise pickle.UnpicklingError("a tensor's storage is not a storage reference")
-    size, stride, offset = tuple(int(s) for s in size), tuple(int(s) for s in stride), int(storage_offset)
+    size, stride, offset = (
+        tuple(int(s) for s in size),
+        tuple(int(s) for s in stride),
+        int(storage_offset),
+    )
     if len(size) != len(stride):
         raise pickle.UnpicklingError(f"tensor size {size} and stride {stride} differ in length")
     if any(s < 0 for s in size) or any(s < 0 for s in stride) or offset < 0:
@@ -150,11 +160,15 @@ def _rebuild_tensor(storage, storage_offset, size, stride, *_ignored):
         if last >= storage.size:
             raise pickle.UnpicklingError(
                 f"tensor (offset {offset}, size {size}, stride {stride}) reads past its storage "
-                f"of {storage.size} elements")
+                f"of {storage.size} elements"
+            )
     itemsize = storage.dtype.itemsize
     view = np.lib.stride_tricks.as_strided(
-        storage[offset:] if all(size) else storage[:0], shape=size,
-        strides=tuple(s * itemsize for s in stride), writeable=False)
+        storage[offset:] if all(size) else storage[:0],
+        shape=size,
+        strides=tuple(s * itemsize for s in stride),
+        writeable=False,
+    )
     return np.array(view)  # own the memory, native layout
 
 
@@ -178,7 +192,9 @@ _ALLOWED_FUNCTIONS: dict[tuple[str, str], Callable] = {
     ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter_with_state,
     ("torch", "Size"): tuple,
 }
-_ALLOWED_STORAGES = {("torch", name) for name in _STORAGE_DTYPES} | {("torch.storage", "UntypedStorage")}
+_ALLOWED_STORAGES = {("torch", name) for name in _STORAGE_DTYPES} | {
+    ("torch.storage", "UntypedStorage")
+}
 
 
 class SafeUnpickler(pickle.Unpickler):
@@ -203,13 +219,16 @@ class SafeUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(
             f"refusing to load global {module}.{name}: a state dict of tensors never needs it "
             "(the file may be malicious, or it holds a whole pickled model rather than a "
-            "state dict: re-save it with torch.save(model.state_dict(), path))")
+            "state dict: re-save it with torch.save(model.state_dict(), path))"
+        )
 
     def persistent_load(self, pid):
         if self._load_storage is None:
             raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
         if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
-            raise pickle.UnpicklingError(f"unsupported persistent id {pid!r} (only tensor storages)")
+            raise pickle.UnpicklingError(
+                f"unsupported persistent id {pid!r} (only tensor storages)"
+            )
         storage_type, key, _location, numel = pid[1:5]
         if not isinstance(storage_type, _StorageType):
             raise pickle.UnpicklingError(f"persistent id {pid!r} names no storage type")
@@ -219,7 +238,7 @@ class SafeUnpickler(pickle.Unpickler):
         storage = self._storages[key]
         if len(pid) > 5 and pid[5] is not None:  # legacy storage view: (view_key, offset, size)
             _view_key, offset, size = pid[5]
-            storage = storage[int(offset): int(offset) + int(size)]
+            storage = storage[int(offset) : int(offset) + int(size)]
         return storage
 
 
@@ -231,8 +250,11 @@ def _read_torch_zip(path: pathlib.Path) -> Any:
         names = zf.namelist()
         pkls = [n for n in names if n.endswith("/data.pkl") or n == "data.pkl"]
         if len(pkls) != 1:
-            raise WeightsError(path, f"zip archive without exactly one data.pkl (found {pkls[:3]}); "
-                                     "not a file written by torch.save")
+            raise WeightsError(
+                path,
+                f"zip archive without exactly one data.pkl (found {pkls[:3]}); "
+                "not a file written by torch.save",
+            )
         prefix = pkls[0][: -len("data.pkl")]
         byteorder = "little"
         if prefix + "byteorder" in names:
@@ -252,8 +274,9 @@ def _read_torch_zip(path: pathlib.Path) -> Any:
             if byteorder == "big" and dtype.itemsize > 1:
                 dtype = dtype.newbyteorder(">")
             if len(raw) % dtype.itemsize:
-                raise pickle.UnpicklingError(f"storage {record} has {len(raw)} bytes, not a multiple "
-                                             f"of {dtype.itemsize}")
+                raise pickle.UnpicklingError(
+                    f"storage {record} has {len(raw)} bytes, not a multiple of {dtype.itemsize}"
+                )
             return np.frombuffer(raw, dtype).astype(dtype.newbyteorder("="), copy=False)
 
         with zf.open(pkls[0]) as f:
@@ -270,9 +293,13 @@ def _read_torch_legacy(path: pathlib.Path) -> Any:
         except pickle.UnpicklingError as err:
             if "refusing" in str(err):
                 raise
-            raise WeightsError(path, f"neither a torch zip archive nor a legacy torch file ({err})") from None
+            raise WeightsError(
+                path, f"neither a torch zip archive nor a legacy torch file ({err})"
+            ) from None
         except Exception as err:  # pylint: disable=broad-except
-            raise WeightsError(path, f"neither a torch zip archive nor a legacy torch file ({err!r})") from None
+            raise WeightsError(
+                path, f"neither a torch zip archive nor a legacy torch file ({err!r})"
+            ) from None
         if magic != _LEGACY_MAGIC:
             raise WeightsError(path, "a plain pickle, not a file written by torch.save")
         protocol = SafeUnpickler(f, None).load()
@@ -320,18 +347,22 @@ def _read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
         raise WeightsError(path, "too short for a safetensors file")
     (n,) = struct.unpack("<Q", data[:8])
     try:
-        header = json.loads(data[8: 8 + n])
+        header = json.loads(data[8 : 8 + n])
     except ValueError as err:
         raise WeightsError(path, f"bad safetensors header ({err})") from None
     out = {}
-    body = memoryview(data)[8 + n:]
+    body = memoryview(data)[8 + n :]
     for key, info in header.items():
         if key == "__metadata__":
             continue
         if info["dtype"] not in _SAFETENSORS_DTYPES:
             raise WeightsError(path, f"tensor {key}: dtype {info['dtype']} is not supported")
         begin, end = info["data_offsets"]
-        out[key] = np.frombuffer(body[begin:end], _SAFETENSORS_DTYPES[info["dtype"]]()).reshape(info["shape"]).copy()
+        out[key] = (
+            np.frombuffer(body[begin:end], _SAFETENSORS_DTYPES[info["dtype"]]())
+            .reshape(info["shape"])
+            .copy()
+        )
     return out
 
 
@@ -362,8 +393,11 @@ def read_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
         if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
             obj = obj[wrapper]
     if not isinstance(obj, Mapping) or not obj:
-        raise WeightsError(path, f"not a state dict (a {type(obj).__name__}, expected a non-empty "
-                                 "mapping of parameter names to tensors)")
+        raise WeightsError(
+            path,
+            f"not a state dict (a {type(obj).__name__}, expected a non-empty "
+            "mapping of parameter names to tensors)",
+        )
     bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, np.ndarray)]
     if bad:
         raise WeightsError(path, f"not a state dict: entries {bad[:3]} are not name -> tensor")
@@ -374,7 +408,7 @@ def read_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
 
 
 def _flax_module_path(torch_module: str) -> tuple[str, ...]:
-    """"layer1.0.downsample.0" -> ("layer1_0", "downsample_0"); "conv1" -> ("conv1",)."""
+    """ "layer1.0.downsample.0" -> ("layer1_0", "downsample_0"); "conv1" -> ("conv1",)."""
     out: list[str] = []
     for token in torch_module.split("."):
         if token.isdigit() and out:
@@ -398,10 +432,17 @@ def expected_torch_keys(arch: str) -> tuple[str, ...]:
     if arch not in ARCHS:
         raise ValueError(f"arch={arch!r}; supported: {ARCHS}")
     model = resnet.ResNet(num_classes=2, depth=_ARCH_DEPTH[arch], width=8)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False))
+    shapes = jax.eval_shape(
+        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)
+    )
     keys = []
-    leaf_names = {("params", "kernel"): "weight", ("params", "scale"): "weight", ("params", "bias"): "bias",
-                  ("batch_stats", "mean"): "running_mean", ("batch_stats", "var"): "running_var"}
+    leaf_names = {
+        ("params", "kernel"): "weight",
+        ("params", "scale"): "weight",
+        ("params", "bias"): "bias",
+        ("batch_stats", "mean"): "running_mean",
+        ("batch_stats", "var"): "running_var",
+    }
     for path in traverse_util.flatten_dict(shapes):
         collection, *modules, leaf = path
         modules = modules[1:]  # drop stem / trunk
@@ -413,25 +454,36 @@ def expected_torch_keys(arch: str) -> tuple[str, ...]:
 
 
 def infer_arch(keys: Sequence[str], path: Any = "state dict") -> str:
-    """"resnet18" / "resnet50" from the key names; clear error for other networks."""
+    """ "resnet18" / "resnet50" from the key names; clear error for other networks."""
     keys = set(keys)
     if "conv1.weight" not in keys or "layer1.0.conv1.weight" not in keys:
-        raise WeightsError(path, f"does not look like a torchvision ResNet (no conv1.weight / "
-                                 f"layer1.0.conv1.weight; first keys: {sorted(keys)[:5]})")
+        raise WeightsError(
+            path,
+            f"does not look like a torchvision ResNet (no conv1.weight / "
+            f"layer1.0.conv1.weight; first keys: {sorted(keys)[:5]})",
+        )
     bottleneck = "layer1.0.conv3.weight" in keys
-    blocks = tuple(len({k.split(".")[1] for k in keys if k.startswith(f"layer{s}.")}) for s in range(1, 5))
+    blocks = tuple(
+        len({k.split(".")[1] for k in keys if k.startswith(f"layer{s}.")}) for s in range(1, 5)
+    )
     known = {(False, (2, 2, 2, 2)): "resnet18", (True, (3, 4, 6, 3)): "resnet50"}
     if (bottleneck, blocks) in known:
         return known[(bottleneck, blocks)]
-    names = {(False, (3, 4, 6, 3)): "resnet34", (True, (3, 4, 23, 3)): "resnet101",
-             (True, (3, 8, 36, 3)): "resnet152"}
-    what = names.get((bottleneck, blocks), f"a ResNet with {'bottleneck' if bottleneck else 'basic'} "
-                                           f"blocks {blocks}")
+    names = {
+        (False, (3, 4, 6, 3)): "resnet34",
+        (True, (3, 4, 23, 3)): "resnet101",
+        (True, (3, 8, 36, 3)): "resnet152",
+    }
+    what = names.get(
+        (bottleneck, blocks),
+        f"a ResNet with {'bottleneck' if bottleneck else 'basic'} blocks {blocks}",
+    )
     raise WeightsError(path, f"{what} is not supported; fva_jax has {', '.join(ARCHS)}")
 
 
-def convert_state_dict(state_dict: Mapping[str, np.ndarray], arch: str | None = None,
-                       path: Any = "state dict") -> dict[str, dict]:
+def convert_state_dict(
+    state_dict: Mapping[str, np.ndarray], arch: str | None = None, path: Any = "state dict"
+) -> dict[str, dict]:
     """torchvision ResNet state dict -> {"params": {...}, "batch_stats": {...}} (numpy float32).
 
     The trees have no ``stem``/``trunk`` level (that split depends on the cluster point):
@@ -445,13 +497,17 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], arch: str | None = 
         raise WeightsError(path, f"--arch {arch} given, but the weights are {found}")
     expected = set(expected_torch_keys(found))
     present = set(state_dict)
-    missing = sorted(expected - present - {k for k in expected if k.endswith("num_batches_tracked")})
+    missing = sorted(
+        expected - present - {k for k in expected if k.endswith("num_batches_tracked")}
+    )
     unexpected = sorted(present - expected)
     if missing:
         raise WeightsError(path, f"{len(missing)} {found} keys missing, e.g. {missing[:5]}")
     if unexpected:
-        raise WeightsError(path, f"{len(unexpected)} keys unexpected in a torchvision {found}, "
-                                 f"e.g. {unexpected[:5]}")
+        raise WeightsError(
+            path,
+            f"{len(unexpected)} keys unexpected in a torchvision {found}, e.g. {unexpected[:5]}",
+        )
     params: dict = {}
     stats: dict = {}
     for key in sorted(present):
@@ -469,7 +525,7 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], arch: str | None = 
         elif leaf == "bias":
             target, name = params, "bias"
         elif leaf in ("running_mean", "running_var"):
-            target, name = stats, leaf[len("running_"):]
+            target, name = stats, leaf[len("running_") :]
         else:
             raise WeightsError(path, f"{key}: unexpected tensor of shape {value.shape}")
         node = target
@@ -503,8 +559,9 @@ def _unflatten(flat: Mapping[str, Any]) -> dict:
     return out
 
 
-def save_pretrained(pretrained: Mapping[str, Mapping], out_dir: str | pathlib.Path, arch: str,
-                    source: str = "") -> pathlib.Path:
+def save_pretrained(
+    pretrained: Mapping[str, Mapping], out_dir: str | pathlib.Path, arch: str, source: str = ""
+) -> pathlib.Path:
     """Writes ``out_dir/pretrained.npz`` (keys "params/conv1/kernel", ..., plus "__meta__")."""
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -529,8 +586,11 @@ def load_pretrained(path: str | pathlib.Path, arch: str | None = None) -> dict[s
     path = pathlib.Path(path)
     if path.is_dir():
         if not (path / PRETRAINED_FILENAME).is_file():
-            raise WeightsError(path, f"directory without {PRETRAINED_FILENAME}; create it with "
-                                     f"python -m fva_jax.import_weights WEIGHTS.pth --out {path}")
+            raise WeightsError(
+                path,
+                f"directory without {PRETRAINED_FILENAME}; create it with "
+                f"python -m fva_jax.import_weights WEIGHTS.pth --out {path}",
+            )
         path = path / PRETRAINED_FILENAME
     if path.suffix.lower() == ".npz" and path.is_file():
         with np.load(path, allow_pickle=False) as z:
@@ -539,12 +599,15 @@ def load_pretrained(path: str | pathlib.Path, arch: str | None = None) -> dict[s
                 if arch is not None and meta.get("arch") != arch:
                     raise WeightsError(path, f"weights are {meta.get('arch')}, expected {arch}")
                 tree = _unflatten({k: z[k] for k in z.files if k != _META_KEY})
-                return {"params": tree.get("params", {}), "batch_stats": tree.get("batch_stats", {})}
+                return {
+                    "params": tree.get("params", {}),
+                    "batch_stats": tree.get("batch_stats", {}),
+                }
     return convert_state_dict(read_state_dict(path), arch, path)
 
 
 def pretrained_arch(pretrained: Mapping[str, Mapping]) -> str:
-    """"resnet18" / "resnet50" of a ``load_pretrained`` result."""
+    """ "resnet18" / "resnet50" of a ``load_pretrained`` result."""
     params = pretrained["params"]
     bottleneck = "conv3" in params.get("layer1_0", {})
     return "resnet50" if bottleneck else "resnet18"
@@ -559,12 +622,16 @@ def _strip_wrapper(path: tuple[str, ...]) -> tuple[str, ...]:
     """Drops everything up to the last "stem"/"trunk" component (the cluster-point split)."""
     for i in range(len(path) - 1, -1, -1):
         if path[i] in ("stem", "trunk"):
-            return path[i + 1:]
+            return path[i + 1 :]
     return path
 
 
-def merge_pretrained(variables: Mapping[str, Any], pretrained: Mapping[str, Mapping], *,
-                     log_fn: Callable[[str], None] | None = None) -> dict[str, Any]:
+def merge_pretrained(
+    variables: Mapping[str, Any],
+    pretrained: Mapping[str, Mapping],
+    *,
+    log_fn: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Copies the pretrained backbone into a model's variables.
 
     Args:
@@ -592,7 +659,10 @@ def merge_pretrained(variables: Mapping[str, Any], pretrained: Mapping[str, Mapp
     from flax import traverse_util
 
     log_fn = log_fn or log.info
-    flat_pre = {c: traverse_util.flatten_dict(dict(pretrained.get(c, {}))) for c in ("params", "batch_stats")}
+    flat_pre = {
+        c: traverse_util.flatten_dict(dict(pretrained.get(c, {})))
+        for c in ("params", "batch_stats")
+    }
     used: set[tuple[str, tuple[str, ...]]] = set()
     out = {}
     skipped_fc = 0  # the model's number of classes when its fc differs from the weights
@@ -602,7 +672,11 @@ def merge_pretrained(variables: Mapping[str, Any], pretrained: Mapping[str, Mapp
             out[collection] = tree
             continue
         flat = traverse_util.flatten_dict(dict(tree))
-        missing += ["/".join((collection,) + p) for p in flat if _strip_wrapper(p) not in flat_pre[collection]]
+        missing += [
+            "/".join((collection,) + p)
+            for p in flat
+            if _strip_wrapper(p) not in flat_pre[collection]
+        ]
         if missing:
             continue
         new = {}
@@ -617,24 +691,37 @@ def merge_pretrained(variables: Mapping[str, Any], pretrained: Mapping[str, Mapp
                     new[path] = leaf
                     continue
                 raise ValueError(
-                    f"pretrained {collection}/{'/'.join(key)} has shape {tuple(value.shape)}, the model's "
-                    f"{name} has {tuple(leaf.shape)}: the model's backbone and width must match the "
-                    f"weights ({pretrained_arch(pretrained)}, width {_width(pretrained)})")
+                    f"pretrained {collection}/{'/'.join(key)} has shape {tuple(value.shape)}, "
+                    "the model's "
+                    f"{name} has {tuple(leaf.shape)}: the model's backbone and width must match "
+                    "the "
+                    f"weights ({pretrained_arch(pretrained)}, width {_width(pretrained)})"
+                )
             value = np.asarray(value, dtype=leaf.dtype)
             sharding = getattr(leaf, "sharding", None)  # keep e.g. the trainer's replicated layout
             new[path] = jnp.asarray(value) if sharding is None else jax.device_put(value, sharding)
         out[collection] = traverse_util.unflatten_dict(new)
     if missing:
-        raise ValueError(f"{len(missing)} model variables have no pretrained value, e.g. {missing[:4]} "
-                         f"(weights: {pretrained_arch(pretrained)}; does the model's backbone match?)")
+        raise ValueError(
+            f"{len(missing)} model variables have no pretrained value, e.g. {missing[:4]} "
+            f"(weights: {pretrained_arch(pretrained)}; does the model's backbone match?)"
+        )
     if skipped_fc:
         pre_fc = flat_pre["params"].get(("fc", "kernel"))
-        log_fn(f"import_weights: skipping the classifier fc: the weights have {pre_fc.shape[1]} "
-               f"classes, the model {skipped_fc}; fc keeps its initialisation")
+        log_fn(
+            f"import_weights: skipping the classifier fc: the weights have {pre_fc.shape[1]} "
+            f"classes, the model {skipped_fc}; fc keeps its initialisation"
+        )
     unused = sorted("/".join((c,) + k) for c in flat_pre for k in flat_pre[c] if (c, k) not in used)
     unused_non_fc = [u for u in unused if not u.split("/")[1] == "fc"]
-    log_fn(f"import_weights: copied {len(used) - (2 if skipped_fc else 0)} pretrained arrays"
-           + (f"; {len(unused_non_fc)} not used by this model (e.g. {unused_non_fc[:3]})" if unused_non_fc else ""))
+    log_fn(
+        f"import_weights: copied {len(used) - (2 if skipped_fc else 0)} pretrained arrays"
+        + (
+            f"; {len(unused_non_fc)} not used by this model (e.g. {unused_non_fc[:3]})"
+            if unused_non_fc
+            else ""
+        )
+    )
     return out
 
 
@@ -645,11 +732,14 @@ def main(argv: Sequence[str] | None = None) -> pathlib.Path:
     parser = argparse.ArgumentParser(
         prog="python -m fva_jax.import_weights",
         description="Convert a torchvision ResNet-18/50 state dict (.pth, .safetensors, .npz) into "
-                    f"fva_jax parameters: writes OUT/{PRETRAINED_FILENAME}. Never executes code "
-                    "from the file (restricted unpickler; torch is not needed).")
+        f"fva_jax parameters: writes OUT/{PRETRAINED_FILENAME}. Never executes code "
+        "from the file (restricted unpickler; torch is not needed).",
+    )
     parser.add_argument("weights", help="torchvision state dict, e.g. resnet50-11ad3fa6.pth")
     parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--arch", choices=ARCHS, default=None, help="default: inferred from the keys")
+    parser.add_argument(
+        "--arch", choices=ARCHS, default=None, help="default: inferred from the keys"
+    )
     args = parser.parse_args(argv)
     try:
         state_dict = read_state_dict(args.weights)

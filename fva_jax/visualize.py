@@ -32,10 +32,28 @@ import numpy as np
 # 20 well-separated colours (matplotlib's tab20 reordered so that consecutive ids contrast:
 # dark shades first, then their light partners). Segment k gets PALETTE[k % 20].
 _PALETTE_HEX = (
-    "1f77b4", "ff7f0e", "2ca02c", "d62728", "9467bd", "8c564b", "e377c2", "7f7f7f", "bcbd22", "17becf",
-    "aec7e8", "ffbb78", "98df8a", "ff9896", "c5b0d5", "c49c94", "f7b6d2", "c7c7c7", "dbdb8d", "9edae5",
+    "1f77b4",
+    "ff7f0e",
+    "2ca02c",
+    "d62728",
+    "9467bd",
+    "8c564b",
+    "e377c2",
+    "7f7f7f",
+    "bcbd22",
+    "17becf",
+    "aec7e8",
+    "ffbb78",
+    "98df8a",
+    "ff9896",
+    "c5b0d5",
+    "c49c94",
+    "f7b6d2",
+    "c7c7c7",
+    "dbdb8d",
+    "9edae5",
 )
-PALETTE = np.array([[int(h[i: i + 2], 16) for i in (0, 2, 4)] for h in _PALETTE_HEX], np.uint8)
+PALETTE = np.array([[int(h[i : i + 2], 16) for i in (0, 2, 4)] for h in _PALETTE_HEX], np.uint8)
 PADDING_COLOR = np.array([255, 255, 255], np.uint8)  # frames with segment id >= num_clusters
 BOUNDARY_COLOR = np.array([0, 0, 0], np.uint8)
 
@@ -64,8 +82,14 @@ class Layout:
     border: int
 
 
-def timeline_layout(num_frames: int, frame_hw: tuple[int, int], *, width: int = 1200,
-                    num_thumbnails: int | None = None, with_curve: bool = True) -> Layout:
+def timeline_layout(
+    num_frames: int,
+    frame_hw: tuple[int, int],
+    *,
+    width: int = 1200,
+    num_thumbnails: int | None = None,
+    with_curve: bool = True,
+) -> Layout:
     """Where each panel goes for T frames of size (H, W) in a picture ``width`` pixels wide."""
     left, right, top = 70, 20, 34
     inner = width - left - right
@@ -95,8 +119,12 @@ def thumbnail_frames(num_frames: int, num_thumbnails: int) -> np.ndarray:
 
 
 def _resize_nearest(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    rows = np.minimum((np.arange(height) + 0.5) * image.shape[0] / height, image.shape[0] - 1).astype(int)
-    cols = np.minimum((np.arange(width) + 0.5) * image.shape[1] / width, image.shape[1] - 1).astype(int)
+    rows = np.minimum(
+        (np.arange(height) + 0.5) * image.shape[0] / height, image.shape[0] - 1
+    ).astype(int)
+    cols = np.minimum((np.arange(width) + 0.5) * image.shape[1] / width, image.shape[1] - 1).astype(
+        int
+    )
     return image[rows][:, cols]
 
 
@@ -111,17 +139,24 @@ def _thumbnail_strip(frames, colors, layout: Layout) -> np.ndarray:
         cell = strip[:, x0:x1]
         cell[...] = colors[t]
         gap = 1 if x1 - x0 > 2 * b + 4 else 0  # a white hairline between neighbours
-        cell[:, x1 - x0 - gap:] = 255
+        cell[:, x1 - x0 - gap :] = 255
         inner_h, inner_w = thumb_h - 2 * b, x1 - x0 - gap - 2 * b
         if inner_h > 0 and inner_w > 0:
-            cell[b: b + inner_h, b: b + inner_w] = _resize_nearest(frames[t], inner_h, inner_w)
+            cell[b : b + inner_h, b : b + inner_w] = _resize_nearest(frames[t], inner_h, inner_w)
     return strip
 
 
-def render_timeline(frames: np.ndarray, distances: np.ndarray | None, segment_ids: np.ndarray, *,
-                    num_clusters: int | None = None, title: str | None = None, width: int = 1200,
-                    num_thumbnails: int | None = None, frame_numbers: np.ndarray | None = None
-                    ) -> np.ndarray:
+def render_timeline(
+    frames: np.ndarray,
+    distances: np.ndarray | None,
+    segment_ids: np.ndarray,
+    *,
+    num_clusters: int | None = None,
+    title: str | None = None,
+    width: int = 1200,
+    num_thumbnails: int | None = None,
+    frame_numbers: np.ndarray | None = None,
+) -> np.ndarray:
     """Renders the clustering of one video.
 
     Args:
@@ -157,8 +192,13 @@ def render_timeline(frames: np.ndarray, distances: np.ndarray | None, segment_id
         num_clusters = int(seg.max()) + 1
     frame_numbers = np.arange(t) if frame_numbers is None else np.asarray(frame_numbers)
 
-    layout = timeline_layout(t, frames.shape[1:3], width=width, num_thumbnails=num_thumbnails,
-                             with_curve=distances is not None)
+    layout = timeline_layout(
+        t,
+        frames.shape[1:3],
+        width=width,
+        num_thumbnails=num_thumbnails,
+        with_curve=distances is not None,
+    )
     colors = cluster_colors(seg, num_clusters)
     dpi = 100
     fig = Figure(figsize=(layout.width / dpi, layout.height / dpi), dpi=dpi, facecolor="white")
@@ -166,8 +206,14 @@ def render_timeline(frames: np.ndarray, distances: np.ndarray | None, segment_id
 
     def axes(box):
         left, top, w, h = box
-        return fig.add_axes((left / layout.width, 1 - (top + h) / layout.height,
-                             w / layout.width, h / layout.height))
+        return fig.add_axes(
+            (
+                left / layout.width,
+                1 - (top + h) / layout.height,
+                w / layout.width,
+                h / layout.height,
+            )
+        )
 
     xlim = (-0.5, t - 0.5)
     valid = seg < num_clusters
@@ -188,7 +234,14 @@ def render_timeline(frames: np.ndarray, distances: np.ndarray | None, segment_id
                 ax.axvspan(s - 0.5, e - 0.5, color=colors[s] / 255.0, alpha=0.28, lw=0)
         for x in boundaries:
             ax.axvline(x, color=BOUNDARY_COLOR / 255.0, lw=1.5)
-        ax.plot(np.arange(t), distances, color="#08306b", lw=1.2, marker="o" if t <= 80 else None, ms=2.5)
+        ax.plot(
+            np.arange(t),
+            distances,
+            color="#08306b",
+            lw=1.2,
+            marker="o" if t <= 80 else None,
+            ms=2.5,
+        )
         top = float(distances.max()) if t else 0.0
         ax.set_xlim(*xlim)
         ax.set_ylim(0, top * 1.1 if top > 0 else 1.0)
@@ -201,8 +254,15 @@ def render_timeline(frames: np.ndarray, distances: np.ndarray | None, segment_id
     ax.set_yticks([])
     for s, e in zip(starts, ends):  # segment numbers where they fit
         if seg[s] < num_clusters and (e - s) * layout.band[2] / t >= 14:
-            ax.text((s + e - 1) / 2, 0.5, str(seg[s]), ha="center", va="center", fontsize=8,
-                    color="white" if PALETTE[seg[s] % len(PALETTE)].mean() < 140 else "black")
+            ax.text(
+                (s + e - 1) / 2,
+                0.5,
+                str(seg[s]),
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if PALETTE[seg[s] % len(PALETTE)].mean() < 140 else "black",
+            )
     ticks = ax.get_xticks()
     ticks = ticks[(ticks >= 0) & (ticks <= t - 1)]
     ax.set_xticks(ticks)
@@ -251,8 +311,10 @@ def stem_from_params(params: dict, batch_stats: dict) -> tuple[Any, dict, str]:
     from fva_jax.models import resnet
 
     if "stem" not in params or "trunk" not in params:
-        raise ValueError(f"checkpoint params have no stem/trunk (top-level keys {sorted(params)}); "
-                         "is this a fva_jax FullVideoModel checkpoint?")
+        raise ValueError(
+            f"checkpoint params have no stem/trunk (top-level keys {sorted(params)}); "
+            "is this a fva_jax FullVideoModel checkpoint?"
+        )
     stem_p = params["stem"]
     width = int(np.shape(stem_p["conv1"]["kernel"])[-1])
     point = "stage2" if "layer2_0" in stem_p else "stage1" if "layer1_0" in stem_p else "maxpool"
@@ -263,7 +325,9 @@ def stem_from_params(params: dict, batch_stats: dict) -> tuple[Any, dict, str]:
     return stem, variables, f"resnet{depth} width {width} stem up to {point}"
 
 
-def load_checkpoint_stem(workdir: str | pathlib.Path, step: int | None = None) -> tuple[Callable, str]:
+def load_checkpoint_stem(
+    workdir: str | pathlib.Path, step: int | None = None
+) -> tuple[Callable, str]:
     """(feature function uint8 (n, H, W, 3) -> (n, F), description) from ``workdir/checkpoints``.
 
     Reads the latest step (or ``step``) written by ``fva_jax.train``.
@@ -287,20 +351,34 @@ def load_checkpoint_stem(workdir: str | pathlib.Path, step: int | None = None) -
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     from fva_jax import clustering_demo
 
-    parser = argparse.ArgumentParser(prog="python -m fva_jax.visualize", description=__doc__.split("\n\n")[2],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m fva_jax.visualize",
+        description=__doc__.split("\n\n")[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("video", help="video file or folder of frames")
     parser.add_argument("--out", required=True, help="PNG to write")
     clustering_demo.add_clustering_arguments(parser)
-    parser.add_argument("--workdir", default=None,
-                        help="a training run: use the stem of its latest checkpoint as features")
-    parser.add_argument("--step", type=int, default=None, help="with --workdir: this checkpoint step")
+    parser.add_argument(
+        "--workdir",
+        default=None,
+        help="a training run: use the stem of its latest checkpoint as features",
+    )
+    parser.add_argument(
+        "--step", type=int, default=None, help="with --workdir: this checkpoint step"
+    )
     parser.add_argument("--thumbnails", type=int, default=None, help="number of thumbnails")
     parser.add_argument("--width", type=int, default=1400, help="picture width in pixels")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random filters (no --workdir)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the random filters (no --workdir)"
+    )
     args = parser.parse_args(argv)
-    clustering_demo.check_positive(parser, args, ("num_clusters", "window", "stride", "resize", "chunk_size"),
-                                   ("max_frames", "thumbnails"))
+    clustering_demo.check_positive(
+        parser,
+        args,
+        ("num_clusters", "window", "stride", "resize", "chunk_size"),
+        ("max_frames", "thumbnails"),
+    )
     return args
 
 
@@ -311,8 +389,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     args = parse_args(argv)
     try:
-        frames = video_lib.decode_video(args.video, stride=args.stride, max_frames=args.max_frames,
-                                        resize=args.resize)
+        frames = video_lib.decode_video(
+            args.video, stride=args.stride, max_frames=args.max_frames, resize=args.resize
+        )
     except video_lib.VideoDecodeError as err:
         raise SystemExit(f"visualize: {err}") from None
     if args.workdir:
@@ -323,17 +402,32 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     else:
         feature_fn, what = random_feature_fn(args.seed), "fixed random conv features"
     bits, num_features = clustering_demo.chunked_bits(feature_fn, frames, args.chunk_size)
-    distances = np.asarray(clustering.hamming_distances(bits, args.window, num_features=num_features))
-    segment = clustering.cumulative_segments if args.method == "cumulative" else clustering.slope_segments
+    distances = np.asarray(
+        clustering.hamming_distances(bits, args.window, num_features=num_features)
+    )
+    segment = (
+        clustering.cumulative_segments if args.method == "cumulative" else clustering.slope_segments
+    )
     ids = np.asarray(segment(distances, args.num_clusters))
-    title = (f"{pathlib.Path(args.video).name}: {args.method} clustering, K={args.num_clusters}, "
-             f"window {args.window}; {what}")
-    image = render_timeline(frames, distances, ids, num_clusters=args.num_clusters, title=title,
-                            width=args.width, num_thumbnails=args.thumbnails,
-                            frame_numbers=np.arange(len(frames)) * args.stride)
+    title = (
+        f"{pathlib.Path(args.video).name}: {args.method} clustering, K={args.num_clusters}, "
+        f"window {args.window}; {what}"
+    )
+    image = render_timeline(
+        frames,
+        distances,
+        ids,
+        num_clusters=args.num_clusters,
+        title=title,
+        width=args.width,
+        num_thumbnails=args.thumbnails,
+        frame_numbers=np.arange(len(frames)) * args.stride,
+    )
     out = save_png(image, args.out)
-    print(f"{args.video}: {len(frames)} frames, {len(np.unique(ids))} segments ({what}) -> {out} "
-          f"({image.shape[1]}x{image.shape[0]})")
+    print(
+        f"{args.video}: {len(frames)} frames, {len(np.unique(ids))} segments ({what}) -> {out} "
+        f"({image.shape[1]}x{image.shape[0]})"
+    )
     return {"out": out, "segment_ids": ids, "distances": distances, "frames": len(frames)}
 
 

@@ -1,5 +1,6 @@
 """TFDS builders built from tiny fake copies of the official layouts (tests/data_fakes.py)."""
 
+import data_fakes
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -8,187 +9,210 @@ from fva_jax.data import builders
 from fva_jax.data import sparse_events as se
 from fva_jax.data.video import VideoDecodeError
 
-import data_fakes
-
 
 def _build(name, config, tmp_path, manual_dir, **kw):
-  kw.setdefault("num_workers", 0)
-  b = builders.get_builder(name, config, str(tmp_path / "tfds"), **kw)
-  builders.prepare(b, str(manual_dir))
-  return b
+    kw.setdefault("num_workers", 0)
+    b = builders.get_builder(name, config, str(tmp_path / "tfds"), **kw)
+    builders.prepare(b, str(manual_dir))
+    return b
 
 
 def _read(b, split):
-  return {ex["video_id"].decode(): ex for ex in tfds.as_numpy(b.as_dataset(split=split))}
+    return {ex["video_id"].decode(): ex for ex in tfds.as_numpy(b.as_dataset(split=split))}
 
 
 def _check_split(b, split, expected):
-  got = _read(b, split)
-  assert sorted(got) == sorted(expected)
-  for vid, (label, t, grey) in expected.items():
-    ex = got[vid]
-    assert ex["label"] == label and ex["num_frames"] == t
-    assert ex["video"].shape == (t, data_fakes.H, data_fakes.W, 3)
-    # The flat region of the frames carries this file's grey level.
-    assert abs(float(ex["video"][:, -8:, -8:].mean()) - grey) < 6, vid
+    got = _read(b, split)
+    assert sorted(got) == sorted(expected)
+    for vid, (label, t, grey) in expected.items():
+        ex = got[vid]
+        assert ex["label"] == label and ex["num_frames"] == t
+        assert ex["video"].shape == (t, data_fakes.H, data_fakes.W, 3)
+        # The flat region of the frames carries this file's grey level.
+        assert abs(float(ex["video"][:, -8:, -8:].mean()) - grey) < 6, vid
 
 
-@pytest.mark.parametrize("name,config,class_names", [
-    ("breakfast", "s1", data_fakes.BREAKFAST_CLASSES),
-    ("ucf101", "split1", data_fakes.UCF_CLASSES),
-    ("hmdb51", "split2", data_fakes.HMDB_CLASSES),
-    ("something_something_v1", "default", data_fakes.SS_CLASSES),
-    ("something_something_v2", "default", data_fakes.SS_CLASSES),
-])
+@pytest.mark.parametrize(
+    "name,config,class_names",
+    [
+        ("breakfast", "s1", data_fakes.BREAKFAST_CLASSES),
+        ("ucf101", "split1", data_fakes.UCF_CLASSES),
+        ("hmdb51", "split2", data_fakes.HMDB_CLASSES),
+        ("something_something_v1", "default", data_fakes.SS_CLASSES),
+        ("something_something_v2", "default", data_fakes.SS_CLASSES),
+    ],
+)
 def test_builds_official_layout(tmp_path, name, config, class_names):
-  expected = data_fakes.WRITERS[name](tmp_path / "manual")[config]
-  b = _build(name, config, tmp_path, tmp_path / "manual")
-  assert b.info.features["label"].names == class_names
-  assert set(b.info.splits) == set(expected)
-  for split, exp in expected.items():
-    _check_split(b, split, exp)
-  # Reading back from data_dir alone (a fresh builder, as the pipeline does).
-  again = builders.get_builder(name, config, str(tmp_path / "tfds"))
-  assert again.is_prepared()
-  assert again.info.features["label"].names == class_names
+    expected = data_fakes.WRITERS[name](tmp_path / "manual")[config]
+    b = _build(name, config, tmp_path, tmp_path / "manual")
+    assert b.info.features["label"].names == class_names
+    assert set(b.info.splits) == set(expected)
+    for split, exp in expected.items():
+        _check_split(b, split, exp)
+    # Reading back from data_dir alone (a fresh builder, as the pipeline does).
+    again = builders.get_builder(name, config, str(tmp_path / "tfds"))
+    assert again.is_prepared()
+    assert again.info.features["label"].names == class_names
 
 
 def test_breakfast_other_split_and_storage_resize(tmp_path):
-  expected = data_fakes.write_breakfast(tmp_path / "manual")
-  b = _build("breakfast", "s3", tmp_path, tmp_path / "manual")
-  for split, exp in expected["s3"].items():
-    _check_split(b, split, exp)
-  # The stereo ch1 near-duplicate is left out; P29 (s3's test range) is in test.
-  assert list(_read(b, "test")) == ["P29/cam02/P29_milk.avi"]
-  # A custom config bounds storage: shorter side 12 (24x32 -> 12x16), every 2nd frame.
-  cfg = builders.VideoConfig(name="s1_small", split_index=1, resize_short=12, frame_stride=2)
-  small = builders.Breakfast(config=cfg, data_dir=str(tmp_path / "tfds2"), num_workers=0)
-  builders.prepare(small, str(tmp_path / "manual"))
-  ex = _read(small, "test")["P03/cam01/P03_cereals.avi"]
-  assert ex["video"].shape == (3, 12, 16, 3) and ex["num_frames"] == 3  # frames 0, 2, 4
+    expected = data_fakes.write_breakfast(tmp_path / "manual")
+    b = _build("breakfast", "s3", tmp_path, tmp_path / "manual")
+    for split, exp in expected["s3"].items():
+        _check_split(b, split, exp)
+    # The stereo ch1 near-duplicate is left out; P29 (s3's test range) is in test.
+    assert list(_read(b, "test")) == ["P29/cam02/P29_milk.avi"]
+    # A custom config bounds storage: shorter side 12 (24x32 -> 12x16), every 2nd frame.
+    cfg = builders.VideoConfig(name="s1_small", split_index=1, resize_short=12, frame_stride=2)
+    small = builders.Breakfast(config=cfg, data_dir=str(tmp_path / "tfds2"), num_workers=0)
+    builders.prepare(small, str(tmp_path / "manual"))
+    ex = _read(small, "test")["P03/cam01/P03_cereals.avi"]
+    assert ex["video"].shape == (3, 12, 16, 3) and ex["num_frames"] == 3  # frames 0, 2, 4
 
 
 def test_parallel_decoding_matches_serial(tmp_path):
-  data_fakes.write_hmdb51(tmp_path / "manual")
-  serial = _build("hmdb51", "split1", tmp_path / "a", tmp_path / "manual", num_workers=0)
-  parallel = _build("hmdb51", "split1", tmp_path / "b", tmp_path / "manual", num_workers=2)
-  for split in ("train", "test"):
-    a, b = _read(serial, split), _read(parallel, split)
-    assert sorted(a) == sorted(b)
-    for k in a:
-      np.testing.assert_array_equal(a[k]["video"], b[k]["video"])
+    data_fakes.write_hmdb51(tmp_path / "manual")
+    serial = _build("hmdb51", "split1", tmp_path / "a", tmp_path / "manual", num_workers=0)
+    parallel = _build("hmdb51", "split1", tmp_path / "b", tmp_path / "manual", num_workers=2)
+    for split in ("train", "test"):
+        a, b = _read(serial, split), _read(parallel, split)
+        assert sorted(a) == sorted(b)
+        for k in a:
+            np.testing.assert_array_equal(a[k]["video"], b[k]["video"])
 
 
 @pytest.mark.parametrize("name", sorted(data_fakes.WRITERS))
 def test_missing_data_explains_where(tmp_path, name):
-  empty = tmp_path / "manual"
-  empty.mkdir()
-  (empty / "unrelated.txt").write_text("x")
-  with pytest.raises(builders.MissingDataError) as e:
-    _build(name, "", tmp_path, empty)
-  msg = str(e.value)
-  assert str(empty) in msg and "manual_dir" in msg and "python -m fva_jax.data.build" in msg
-  # An empty / missing manual_dir gets the same kind of message.
-  with pytest.raises(builders.MissingDataError, match="does not exist or is empty"):
-    _build(name, "", tmp_path, tmp_path / "nowhere")
+    empty = tmp_path / "manual"
+    empty.mkdir()
+    (empty / "unrelated.txt").write_text("x")
+    with pytest.raises(builders.MissingDataError) as e:
+        _build(name, "", tmp_path, empty)
+    msg = str(e.value)
+    assert str(empty) in msg and "manual_dir" in msg and "python -m fva_jax.data.build" in msg
+    # An empty / missing manual_dir gets the same kind of message.
+    with pytest.raises(builders.MissingDataError, match="does not exist or is empty"):
+        _build(name, "", tmp_path, tmp_path / "nowhere")
 
 
 def test_corrupt_file_stops_or_is_skipped(tmp_path, capsys):
-  manual = tmp_path / "manual"
-  expected = data_fakes.write_ucf101(manual)["split1"]
-  bad = manual / "UCF-101" / "Archery" / "v_Archery_g09_c01.avi"  # a train video
-  bad.write_bytes(bad.read_bytes()[:200])
-  with pytest.raises(VideoDecodeError) as e:
-    _build("ucf101", "split1", tmp_path / "stop", manual)
-  assert str(bad) in str(e.value) and "skip_corrupt" in str(e.value)
-  b = _build("ucf101", "split1", tmp_path / "skip", manual, skip_corrupt=True)
-  out = capsys.readouterr().out
-  assert "ucf101/split1/train: 1 videos, 1 corrupt skipped" in out and str(bad) in out
-  assert sorted(_read(b, "train")) == sorted(set(expected["train"]) - {"Archery/v_Archery_g09_c01.avi"})
-  assert len(expected["train"]) == 2
-  assert sorted(_read(b, "test")) == sorted(expected["test"])
-  assert b.skipped["train"] == [str(bad)]
+    manual = tmp_path / "manual"
+    expected = data_fakes.write_ucf101(manual)["split1"]
+    bad = manual / "UCF-101" / "Archery" / "v_Archery_g09_c01.avi"  # a train video
+    bad.write_bytes(bad.read_bytes()[:200])
+    with pytest.raises(VideoDecodeError) as e:
+        _build("ucf101", "split1", tmp_path / "stop", manual)
+    assert str(bad) in str(e.value) and "skip_corrupt" in str(e.value)
+    b = _build("ucf101", "split1", tmp_path / "skip", manual, skip_corrupt=True)
+    out = capsys.readouterr().out
+    assert "ucf101/split1/train: 1 videos, 1 corrupt skipped" in out and str(bad) in out
+    assert sorted(_read(b, "train")) == sorted(
+        set(expected["train"]) - {"Archery/v_Archery_g09_c01.avi"}
+    )
+    assert len(expected["train"]) == 2
+    assert sorted(_read(b, "test")) == sorted(expected["test"])
+    assert b.skipped["train"] == [str(bad)]
 
 
 def test_unknown_name_and_config():
-  with pytest.raises(ValueError, match="known: sparse_events"):
-    builders.get_builder("kinetics")
-  with pytest.raises(ValueError, match="s1, s2, s3, s4"):
-    builders.get_builder("breakfast", "split1")
+    with pytest.raises(ValueError, match="known: sparse_events"):
+        builders.get_builder("kinetics")
+    with pytest.raises(ValueError, match="s1, s2, s3, s4"):
+        builders.get_builder("breakfast", "split1")
 
 
 def test_ucf101_kept_out_of_global_registry():
-  # TFDS ships its own (download-based) ucf101; ours must not clash with it.
-  assert "sparse_events" in tfds.list_builders(with_community_datasets=False)
-  assert tfds.builder_cls("ucf101") is not builders.Ucf101
+    # TFDS ships its own (download-based) ucf101; ours must not clash with it.
+    assert "sparse_events" in tfds.list_builders(with_community_datasets=False)
+    assert tfds.builder_cls("ucf101") is not builders.Ucf101
 
 
 # --------------------------------------------------------------------------- sparse_events
 
 
 def test_sparse_events_tiny_build_is_deterministic(tmp_path):
-  a = _build("sparse_events", "tiny", tmp_path / "a", "")
-  b = _build("sparse_events", "tiny", tmp_path / "b", "")
-  spec = a.builder_config.spec
-  assert a.info.splits["train"].num_examples == spec.num_train
-  assert a.info.splits["test"].num_examples == spec.num_test
-  assert a.info.features["label"].names == se.class_names(spec.num_classes)
-  ra, rb = _read(a, "test"), _read(b, "test")
-  assert sorted(ra) == sorted(rb)
-  for k, ex in ra.items():
-    np.testing.assert_array_equal(ex["video"], rb[k]["video"])
-    ref = se.make_video(spec, "test", int(k.split("/")[1]))
-    assert ex["label"] == ref["label"] and ex["num_frames"] == ref["num_frames"]
-    assert ex["event_start"] == ref["event_start"]
-    assert np.abs(ex["video"].astype(int) - ref["video"]).mean() < 4  # JPEG
+    a = _build("sparse_events", "tiny", tmp_path / "a", "")
+    b = _build("sparse_events", "tiny", tmp_path / "b", "")
+    spec = a.builder_config.spec
+    assert a.info.splits["train"].num_examples == spec.num_train
+    assert a.info.splits["test"].num_examples == spec.num_test
+    assert a.info.features["label"].names == se.class_names(spec.num_classes)
+    ra, rb = _read(a, "test"), _read(b, "test")
+    assert sorted(ra) == sorted(rb)
+    for k, ex in ra.items():
+        np.testing.assert_array_equal(ex["video"], rb[k]["video"])
+        ref = se.make_video(spec, "test", int(k.split("/")[1]))
+        assert ex["label"] == ref["label"] and ex["num_frames"] == ref["num_frames"]
+        assert ex["event_start"] == ref["event_start"]
+        assert np.abs(ex["video"].astype(int) - ref["video"]).mean() < 4  # JPEG
 
 
 def _colour_fraction(frame, colour, tol=45):
-  return float((np.abs(frame.astype(int) - colour).max(-1) < tol).mean())
+    return float((np.abs(frame.astype(int) - colour).max(-1) < tol).mean())
 
 
 def test_sparse_events_event_is_short_and_visible():
-  spec = se.SparseEventsSpec()
-  hits, lengths = 0, []
-  for i in range(60):
-    v = se.make_video(spec, "train", i)
-    t, s, video = v["num_frames"], v["event_start"], v["video"]
-    lengths.append(t)
-    assert video.shape == (t, 64, 64, 3) and spec.min_frames <= t <= spec.max_frames
-    colour = se.EVENTS[v["label"]][1]
-    ev = set(range(s, s + spec.event_frames))
-    for f in range(t):
-      frac = _colour_fraction(video[f], colour)
-      # The class colour covers a large area during the event and never otherwise.
-      assert (frac > 0.04) if f in ev else (frac < 0.002), (i, f, frac)
-    uniform8 = set(np.linspace(0, t - 1, 8).round().astype(int).tolist())
-    hits += bool(uniform8 & ev)
-  assert max(lengths) - min(lengths) > 100  # variable length
-  assert hits / 60 < 0.4  # 8 uniform frames usually miss the event
-  # Different videos differ; the same (split, index) is reproducible.
-  np.testing.assert_array_equal(se.make_video(spec, "test", 3)["video"],
-                                se.make_video(spec, "test", 3)["video"])
-  assert se.make_video(spec, "test", 3)["num_frames"] != se.make_video(spec, "test", 4)[
-      "num_frames"] or not np.array_equal(se.make_video(spec, "test", 3)["video"],
-                                          se.make_video(spec, "test", 4)["video"])
+    spec = se.SparseEventsSpec()
+    hits, lengths = 0, []
+    for i in range(60):
+        v = se.make_video(spec, "train", i)
+        t, s, video = v["num_frames"], v["event_start"], v["video"]
+        lengths.append(t)
+        assert video.shape == (t, 64, 64, 3) and spec.min_frames <= t <= spec.max_frames
+        colour = se.EVENTS[v["label"]][1]
+        ev = set(range(s, s + spec.event_frames))
+        for f in range(t):
+            frac = _colour_fraction(video[f], colour)
+            # The class colour covers a large area during the event and never otherwise.
+            assert (frac > 0.04) if f in ev else (frac < 0.002), (i, f, frac)
+        uniform8 = set(np.linspace(0, t - 1, 8).round().astype(int).tolist())
+        hits += bool(uniform8 & ev)
+    assert max(lengths) - min(lengths) > 100  # variable length
+    assert hits / 60 < 0.4  # 8 uniform frames usually miss the event
+    # Different videos differ; the same (split, index) is reproducible.
+    np.testing.assert_array_equal(
+        se.make_video(spec, "test", 3)["video"], se.make_video(spec, "test", 3)["video"]
+    )
+    assert se.make_video(spec, "test", 3)["num_frames"] != se.make_video(spec, "test", 4)[
+        "num_frames"
+    ] or not np.array_equal(
+        se.make_video(spec, "test", 3)["video"], se.make_video(spec, "test", 4)["video"]
+    )
 
 
 def test_sparse_events_spec_validation():
-  with pytest.raises(ValueError):
-    se.SparseEventsSpec(num_classes=1)
-  with pytest.raises(ValueError):
-    se.SparseEventsSpec(min_frames=2, event_frames=4)
-  with pytest.raises(ValueError):
-    se.SparseEventsSpec(size=15)
+    with pytest.raises(ValueError):
+        se.SparseEventsSpec(num_classes=1)
+    with pytest.raises(ValueError):
+        se.SparseEventsSpec(min_frames=2, event_frames=4)
+    with pytest.raises(ValueError):
+        se.SparseEventsSpec(size=15)
 
 
 def test_build_command_line(tmp_path):
-  import subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
-  cmd = [sys.executable, "-m", "fva_jax.data.build", "--name=sparse_events", "--config=tiny",
-         f"--data_dir={tmp_path}"]
-  out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-  assert "sparse_events/tiny" in out and "train: 12, test: 6" in out
-  bad = subprocess.run([sys.executable, "-m", "fva_jax.data.build", "--name=hmdb51",
-                        f"--data_dir={tmp_path}", f"--manual_dir={tmp_path / 'none'}"],
-                       capture_output=True, text=True)
-  assert bad.returncode == 1 and "testTrainMulti_7030_splits" in bad.stderr
+    import subprocess
+    import sys  # pylint: disable=g-import-not-at-top,multiple-imports
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "fva_jax.data.build",
+        "--name=sparse_events",
+        "--config=tiny",
+        f"--data_dir={tmp_path}",
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    assert "sparse_events/tiny" in out and "train: 12, test: 6" in out
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fva_jax.data.build",
+            "--name=hmdb51",
+            f"--data_dir={tmp_path}",
+            f"--manual_dir={tmp_path / 'none'}",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 1 and "testTrainMulti_7030_splits" in bad.stderr

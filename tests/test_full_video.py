@@ -21,14 +21,16 @@ def make_videos(seed=0, b=B, t=T, lengths=LENGTHS):
     rng = np.random.default_rng(seed)
     base = rng.uniform(0, 255, (b, 4, PX, PX, 3))
     drift = rng.normal(0, 12, (b, t, PX, PX, 3)).cumsum(axis=1)
-    scene = (np.arange(t) * 4 // t)  # 4 scenes
+    scene = np.arange(t) * 4 // t  # 4 scenes
     v = np.clip(base[:, scene] + drift, 0, 255).astype(np.uint8)
     mask = np.arange(t)[None] < np.asarray(lengths)[:, None]
     return jnp.asarray(v), jnp.asarray(mask)
 
 
 def tiny(**kw):
-    args = dict(num_classes=5, backbone="resnet18", width=8, num_clusters=K, chunk_size=4, dropout_rate=0.0)
+    args = dict(
+        num_classes=5, backbone="resnet18", width=8, num_clusters=K, chunk_size=4, dropout_rate=0.0
+    )
     args.update(kw)
     return FullVideoModel(**args)
 
@@ -46,12 +48,17 @@ def cached_loss_and_grads(model, method=None):
 
 
 def loss_and_grads(model, method=None):
-    """jit'd (variables, videos, mask, labels) -> ((loss, (segment ids, new batch_stats)), grads)."""
+    """jit'd (variables, videos, mask, labels) -> ((loss, (segment ids, new batch_stats)),
+    grads)."""
 
     def loss_fn(params, batch_stats, videos, mask, labels):
         (logits, seg), upd = model.apply(
-            {"params": params, "batch_stats": batch_stats}, videos, mask, train=True,
-            rngs={"dropout": jax.random.key(1), "sampling": jax.random.key(2)}, mutable=["batch_stats"],
+            {"params": params, "batch_stats": batch_stats},
+            videos,
+            mask,
+            train=True,
+            rngs={"dropout": jax.random.key(1), "sampling": jax.random.key(2)},
+            mutable=["batch_stats"],
             method=method,
         )
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
@@ -71,7 +78,9 @@ def assert_trees_close(a, b, rtol=1e-4, scale_tol=1e-4):
     for (path, x), (_, y) in zip(fa, fb):
         y = np.asarray(y)
         atol = scale_tol * float(np.abs(y).max()) + 1e-9
-        np.testing.assert_allclose(np.asarray(x), y, rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path))
+        np.testing.assert_allclose(
+            np.asarray(x), y, rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path)
+        )
 
 
 LABELS = jnp.array([1, 3])
@@ -93,14 +102,16 @@ def test_two_pass_equals_unchunked_reference(chunk):
     (rloss, (rseg, rstats)), rgrads = ref(variables, v, m, LABELS)
     np.testing.assert_array_equal(np.asarray(seg), np.asarray(rseg))
     assert seg.shape == (B, T) and seg.dtype == jnp.int32
-    assert (np.asarray(seg)[1, LENGTHS[1]:] == K).all() and len(np.unique(np.asarray(seg)[0])) == K
+    assert (np.asarray(seg)[1, LENGTHS[1] :] == K).all() and len(np.unique(np.asarray(seg)[0])) == K
     np.testing.assert_allclose(float(loss), float(rloss), rtol=1e-5)
     assert_trees_close(grads, rgrads)
     assert_trees_close(stats, rstats)
     # Stem BatchNorm runs on its running statistics (unchanged), trunk BatchNorm trains.
     assert_trees_close(stats["stem"], variables["batch_stats"]["stem"], rtol=0, scale_tol=0)
-    assert not np.allclose(stats["trunk"]["layer2_0"]["bn1"]["mean"],
-                           variables["batch_stats"]["trunk"]["layer2_0"]["bn1"]["mean"])
+    assert not np.allclose(
+        stats["trunk"]["layer2_0"]["bn1"]["mean"],
+        variables["batch_stats"]["trunk"]["layer2_0"]["bn1"]["mean"],
+    )
     # Gradients reach the stem (through the rematerialised chunks) and are not all zero.
     assert float(jnp.abs(grads["stem"]["conv1"]["kernel"]).sum()) > 0
 
@@ -112,7 +123,9 @@ def test_slope_method_matches_unchunked():
     variables = init_variables(tiny())
     v, m = make_videos()
     logits, seg = jax.jit(functools.partial(model.apply, train=False))(variables, v, m)
-    rlogits, rseg = jax.jit(functools.partial(model.apply, train=False, method="unchunked"))(variables, v, m)
+    rlogits, rseg = jax.jit(functools.partial(model.apply, train=False, method="unchunked"))(
+        variables, v, m
+    )
     np.testing.assert_array_equal(np.asarray(seg), np.asarray(rseg))
     np.testing.assert_allclose(np.asarray(logits), np.asarray(rlogits), rtol=1e-4, atol=1e-5)
 
@@ -121,7 +134,7 @@ def test_padded_frames_are_ignored():
     model = tiny(chunk_size=4, window=2)
     variables = init_variables(tiny())
     v, m = make_videos()
-    noisy = v.at[1, LENGTHS[1]:].set(255 - v[1, LENGTHS[1]:])
+    noisy = v.at[1, LENGTHS[1] :].set(255 - v[1, LENGTHS[1] :])
     step = cached_loss_and_grads(model)
     (loss, (seg, _)), grads = step(variables, v, m, LABELS)
     (loss2, (seg2, _)), grads2 = step(variables, noisy, m, LABELS)
@@ -146,15 +159,24 @@ def test_linear_stem_clustering_loses_nothing():
     So the clustered two-pass model has the loss and gradients of the whole network run on
     each segment's average input frame, a model in which every frame enters the stem directly.
     """
-    model = LinearStemModel(num_classes=5, backbone="resnet18", width=8, num_clusters=K, chunk_size=3,
-                            dropout_rate=0.0)
+    model = LinearStemModel(
+        num_classes=5, backbone="resnet18", width=8, num_clusters=K, chunk_size=3, dropout_rate=0.0
+    )
     v, m = make_videos(seed=1)
     # The affine stem has only conv1; reuse the tiny ResNet-18's conv1 and trunk (no new init).
     full = init_variables(tiny())
-    variables = {"params": {"stem": {"conv1": full["params"]["stem"]["conv1"]}, "trunk": full["params"]["trunk"]},
-                 "batch_stats": {"trunk": full["batch_stats"]["trunk"]}}
+    variables = {
+        "params": {
+            "stem": {"conv1": full["params"]["stem"]["conv1"]},
+            "trunk": full["params"]["trunk"],
+        },
+        "batch_stats": {"trunk": full["batch_stats"]["trunk"]},
+    }
     assert jax.tree.structure(variables) == jax.tree.structure(
-        jax.eval_shape(lambda v, m: model.init({"params": jax.random.key(0)}, v, m, train=False), v, m))
+        jax.eval_shape(
+            lambda v, m: model.init({"params": jax.random.key(0)}, v, m, train=False), v, m
+        )
+    )
     (loss, (seg, _)), grads = loss_and_grads(model)(variables, v, m, LABELS)
 
     def mean_frame_model(module, videos, mask, seg, *, train):
@@ -183,8 +205,9 @@ def test_degenerate_videos_are_finite(k):
     assert sorted(set(seg[0])) == list(range(k))  # identical frames: still k equal segments
     if k > 1:  # the baselines on the same videos (K=1 is no special case for them)
         for sampling in ("uniform", "dense"):
-            logits, _ = jax.jit(functools.partial(tiny(num_clusters=k, sampling=sampling).apply, train=False))(
-                variables, v, m)
+            logits, _ = jax.jit(
+                functools.partial(tiny(num_clusters=k, sampling=sampling).apply, train=False)
+            )(variables, v, m)
             assert np.isfinite(np.asarray(logits)).all()
 
 
@@ -200,12 +223,28 @@ def test_sampling_indices():
         hi = [max((j + 1) * n // 4, lo[j] + 1) for j in range(4)]
         assert all(lo[j] <= min(row[j], max(n - 1, 0)) <= max(hi[j] - 1, 0) for j in range(4))
         assert row.max() <= max(n - 1, 0)
-    draws = np.stack([np.asarray(uniform_indices(jnp.array([100]), 4, jax.random.uniform(jax.random.key(s), (1, 4))))[0]
-                      for s in range(20)])
-    assert len({tuple(r) for r in draws}) > 1 and (draws[:, 1] >= 25).all() and (draws[:, 1] < 50).all()
-    np.testing.assert_array_equal(dense_indices(jnp.array([20]), 4, 2)[0], [6, 8, 10, 12])  # span 7, start 13//2
-    np.testing.assert_array_equal(dense_indices(jnp.array([5]), 4, 2)[0], [0, 2, 4, 4])  # short: repeat last
-    starts = [int(dense_indices(jnp.array([20]), 4, 2, jnp.array([[x]]))[0, 0]) for x in (0.0, 0.5, 0.999)]
+    draws = np.stack(
+        [
+            np.asarray(
+                uniform_indices(jnp.array([100]), 4, jax.random.uniform(jax.random.key(s), (1, 4)))
+            )[0]
+            for s in range(20)
+        ]
+    )
+    assert (
+        len({tuple(r) for r in draws}) > 1
+        and (draws[:, 1] >= 25).all()
+        and (draws[:, 1] < 50).all()
+    )
+    np.testing.assert_array_equal(
+        dense_indices(jnp.array([20]), 4, 2)[0], [6, 8, 10, 12]
+    )  # span 7, start 13//2
+    np.testing.assert_array_equal(
+        dense_indices(jnp.array([5]), 4, 2)[0], [0, 2, 4, 4]
+    )  # short: repeat last
+    starts = [
+        int(dense_indices(jnp.array([20]), 4, 2, jnp.array([[x]]))[0, 0]) for x in (0.0, 0.5, 0.999)
+    ]
     assert starts == [0, 7, 13]
 
 
@@ -217,7 +256,9 @@ def test_baselines_equal_all_frames_when_they_pick_every_frame():
     variables = init_variables(tiny())
     want, _ = tiny(num_clusters=t).apply(variables, v, m, train=False, method="all_frames")
     for sampling in ("uniform", "dense"):
-        got, seg = tiny(num_clusters=t, sampling=sampling, dense_stride=1).apply(variables, v, m, train=False)
+        got, seg = tiny(num_clusters=t, sampling=sampling, dense_stride=1).apply(
+            variables, v, m, train=False
+        )
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
         np.testing.assert_array_equal(np.asarray(seg), np.tile(np.arange(t), (B, 1)))
 
@@ -241,24 +282,41 @@ def test_uniform_training_trains_stem_batchnorm_and_draws_offsets():
 
     @jax.jit
     def run(key):
-        return model.apply(variables, v, m, train=True, rngs={"sampling": key, "dropout": key},
-                           mutable=["batch_stats"])
+        return model.apply(
+            variables,
+            v,
+            m,
+            train=True,
+            rngs={"sampling": key, "dropout": key},
+            mutable=["batch_stats"],
+        )
 
     (logits, seg), upd = run(jax.random.key(0))
     (logits2, _), _ = run(jax.random.key(1))
-    assert not np.allclose(upd["batch_stats"]["stem"]["bn1"]["mean"], variables["batch_stats"]["stem"]["bn1"]["mean"])
+    assert not np.allclose(
+        upd["batch_stats"]["stem"]["bn1"]["mean"], variables["batch_stats"]["stem"]["bn1"]["mean"]
+    )
     assert not np.allclose(np.asarray(logits), np.asarray(logits2))
-    np.testing.assert_array_equal(np.asarray(seg)[1], [0, 0, 1, 1, 2, 2, 2, K, K, K])  # TSN segments of 7 frames
+    np.testing.assert_array_equal(
+        np.asarray(seg)[1], [0, 0, 1, 1, 2, 2, 2, K, K, K]
+    )  # TSN segments of 7 frames
 
 
 def test_bfloat16_model_shapes():
     """bfloat16 compute: float32 logits and parameters, int32 segment ids (traced, not run)."""
     model = tiny(dtype=jnp.bfloat16, backbone="resnet50")
     v, m = make_videos()
-    variables = jax.eval_shape(lambda v, m: model.init({"params": jax.random.key(0)}, v, m, train=False), v, m)
+    variables = jax.eval_shape(
+        lambda v, m: model.init({"params": jax.random.key(0)}, v, m, train=False), v, m
+    )
     (logits, seg), _ = jax.eval_shape(
-        lambda vs, v, m: model.apply(vs, v, m, train=True, rngs={"dropout": jax.random.key(0)},
-                                     mutable=["batch_stats"]), variables, v, m)
+        lambda vs, v, m: model.apply(
+            vs, v, m, train=True, rngs={"dropout": jax.random.key(0)}, mutable=["batch_stats"]
+        ),
+        variables,
+        v,
+        m,
+    )
     assert logits.shape == (B, 5) and logits.dtype == jnp.float32
     assert seg.shape == (B, T) and seg.dtype == jnp.int32
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables))

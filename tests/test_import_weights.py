@@ -8,7 +8,6 @@ otherwise.
 
 import json
 import os
-import pathlib
 import pickle
 import struct
 import subprocess
@@ -24,7 +23,6 @@ from flax import traverse_util
 
 from fva_jax import import_weights as iw
 from fva_jax.models import full_video, resnet
-
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -73,7 +71,7 @@ def _stripped(variables):
     out = {}
     for path, v in traverse_util.flatten_dict(variables).items():
         i = max(i for i, p in enumerate(path) if p in ("stem", "trunk"))
-        out[(path[0],) + path[i + 1:]] = np.asarray(v)
+        out[(path[0],) + path[i + 1 :]] = np.asarray(v)
     return out
 
 
@@ -82,7 +80,11 @@ def _write_safetensors(path, sd):
     for k, v in sd.items():
         v = np.ascontiguousarray(v)
         dtype = {"float32": "F32", "int64": "I64"}[str(v.dtype)]
-        header[k] = {"dtype": dtype, "shape": list(v.shape), "data_offsets": [offset, offset + v.nbytes]}
+        header[k] = {
+            "dtype": dtype,
+            "shape": list(v.shape),
+            "data_offsets": [offset, offset + v.nbytes],
+        }
         blobs.append(v.tobytes())
         offset += v.nbytes
     h = json.dumps(header).encode()
@@ -129,8 +131,12 @@ def test_malicious_pickle_is_rejected_without_running(tmp_path, evil_cls, contai
     elif container == "plain":
         path.write_bytes(payload)
     else:  # legacy stream: magic, protocol, sys info, then the payload
-        path.write_bytes(pickle.dumps(iw._LEGACY_MAGIC, protocol=2) + pickle.dumps(1001, protocol=2)
-                         + pickle.dumps({"little_endian": True}, protocol=2) + payload)
+        path.write_bytes(
+            pickle.dumps(iw._LEGACY_MAGIC, protocol=2)
+            + pickle.dumps(1001, protocol=2)
+            + pickle.dumps({"little_endian": True}, protocol=2)
+            + payload
+        )
     expected = r"posix\.system" if evil_cls is _Evil else r"(__builtin__|builtins)\.eval"
     with pytest.raises(pickle.UnpicklingError, match=f"refusing to load global {expected}"):
         iw.read_state_dict(path)
@@ -142,14 +148,18 @@ def test_malicious_pickle_is_rejected_without_running(tmp_path, evil_cls, contai
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("target", [b"ctorch._utils\n_rebuild_tensor_v2\n", b"ctorch\nFloatStorage\n"])
+@pytest.mark.parametrize(
+    "target", [b"ctorch._utils\n_rebuild_tensor_v2\n", b"ctorch\nFloatStorage\n"]
+)
 def test_pickle_cannot_modify_allowed_globals(tmp_path, target):
     """BUILD on an allowed global (setting its attributes) is refused, and nothing changes."""
     defaults = iw._rebuild_tensor.__defaults__
     state = b"}X\x0c\x00\x00\x00__defaults__)s"  # {"__defaults__": ()}
     path = tmp_path / "build.pth"
     with zipfile.ZipFile(path, "w") as zf:
-        zf.writestr("x/data.pkl", b"\x80\x02" + target + b"(N" + state + b"tb.")  # BUILD (None, slotstate)
+        zf.writestr(
+            "x/data.pkl", b"\x80\x02" + target + b"(N" + state + b"tb."
+        )  # BUILD (None, slotstate)
     with pytest.raises(pickle.UnpicklingError, match="refusing to modify"):
         iw.read_state_dict(path)
     assert iw._rebuild_tensor.__defaults__ == defaults
@@ -179,11 +189,23 @@ def test_expected_keys_follow_torchvision_naming():
     keys50 = set(iw.expected_torch_keys("resnet50"))
     # counts of torchvision's resnet18/50 state dicts
     assert len(keys18) == 122 and len(keys50) == 320
-    for k in ("conv1.weight", "bn1.running_var", "bn1.num_batches_tracked", "layer2.0.downsample.0.weight",
-              "layer2.0.downsample.1.bias", "layer4.1.conv2.weight", "fc.weight", "fc.bias"):
+    for k in (
+        "conv1.weight",
+        "bn1.running_var",
+        "bn1.num_batches_tracked",
+        "layer2.0.downsample.0.weight",
+        "layer2.0.downsample.1.bias",
+        "layer4.1.conv2.weight",
+        "fc.weight",
+        "fc.bias",
+    ):
         assert k in keys18
     assert "layer1.0.downsample.0.weight" not in keys18
-    assert {"layer1.0.downsample.0.weight", "layer3.5.conv3.weight", "layer4.2.bn3.weight"} <= keys50
+    assert {
+        "layer1.0.downsample.0.weight",
+        "layer3.5.conv3.weight",
+        "layer4.2.bn3.weight",
+    } <= keys50
 
 
 @pytest.mark.parametrize("fmt", ["npz", "safetensors"])
@@ -198,14 +220,28 @@ def test_import_roundtrip_into_full_video_model(tmp_path, r18, fmt):
         _write_safetensors(src, sd)
     target = iw.main([str(src), "--out", str(tmp_path / "out")])
     assert target == tmp_path / "out" / iw.PRETRAINED_FILENAME
-    for pretrained in (iw.load_pretrained(tmp_path / "out"), iw.load_pretrained(src, arch="resnet18")):
+    for pretrained in (
+        iw.load_pretrained(tmp_path / "out"),
+        iw.load_pretrained(src, arch="resnet18"),
+    ):
         assert iw.pretrained_arch(pretrained) == "resnet18"
         for point in ("maxpool", "stage1", "stage2"):
-            model = full_video.FullVideoModel(num_classes=5, backbone="resnet18", width=8, num_clusters=2,
-                                              cluster_point=point, chunk_size=2)
-            abstract = jax.eval_shape(lambda m=model: m.init(
-                jax.random.PRNGKey(0), jnp.zeros((1, 2, 32, 32, 3), jnp.uint8), jnp.ones((1, 2), bool),
-                train=False))
+            model = full_video.FullVideoModel(
+                num_classes=5,
+                backbone="resnet18",
+                width=8,
+                num_clusters=2,
+                cluster_point=point,
+                chunk_size=2,
+            )
+            abstract = jax.eval_shape(
+                lambda m=model: m.init(
+                    jax.random.PRNGKey(0),
+                    jnp.zeros((1, 2, 32, 32, 3), jnp.uint8),
+                    jnp.ones((1, 2), bool),
+                    train=False,
+                )
+            )
             merged = iw.merge_pretrained(abstract, pretrained)
             assert jax.tree.structure(merged) == jax.tree.structure(abstract)
             got, want = _stripped(merged), _stripped(variables)
@@ -223,20 +259,34 @@ def test_merge_skips_fc_for_other_class_count(r18):
     init = _randomize(_shapes(model), seed=3)
     lines = []
     merged = iw.merge_pretrained(init, pretrained, log_fn=lines.append)
-    assert any("skipping the classifier fc: the weights have 5 classes, the model 3" in line for line in lines), lines
-    np.testing.assert_array_equal(merged["params"]["trunk"]["fc"]["kernel"], init["params"]["trunk"]["fc"]["kernel"])
-    np.testing.assert_array_equal(merged["params"]["trunk"]["fc"]["bias"], init["params"]["trunk"]["fc"]["bias"])
-    np.testing.assert_array_equal(merged["params"]["stem"]["conv1"]["kernel"], variables["params"]["stem"]["conv1"]["kernel"])
-    np.testing.assert_array_equal(merged["batch_stats"]["trunk"]["layer4_1"]["bn2"]["var"],
-                                  variables["batch_stats"]["trunk"]["layer4_1"]["bn2"]["var"])
+    assert any(
+        "skipping the classifier fc: the weights have 5 classes, the model 3" in line
+        for line in lines
+    ), lines
+    np.testing.assert_array_equal(
+        merged["params"]["trunk"]["fc"]["kernel"], init["params"]["trunk"]["fc"]["kernel"]
+    )
+    np.testing.assert_array_equal(
+        merged["params"]["trunk"]["fc"]["bias"], init["params"]["trunk"]["fc"]["bias"]
+    )
+    np.testing.assert_array_equal(
+        merged["params"]["stem"]["conv1"]["kernel"], variables["params"]["stem"]["conv1"]["kernel"]
+    )
+    np.testing.assert_array_equal(
+        merged["batch_stats"]["trunk"]["layer4_1"]["bn2"]["var"],
+        variables["batch_stats"]["trunk"]["layer4_1"]["bn2"]["var"],
+    )
 
 
 def test_merge_errors_name_the_key(r18):
     _, _, sd = r18
     pretrained = iw.convert_state_dict(sd)
     wide = _shapes(resnet.ResNet(num_classes=5, depth=18, width=16))
-    with pytest.raises(ValueError, match=r"pretrained (params|batch_stats)/(bn1|conv1)/\w+ has shape \(8,?.*the model's "
-                       r"(params|batch_stats)/stem/(bn1|conv1)/\w+ has \(16,?.*\(resnet18, width 8\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"pretrained (params|batch_stats)/(bn1|conv1)/\w+ has shape \(8,?.*the model's "
+        r"(params|batch_stats)/stem/(bn1|conv1)/\w+ has \(16,?.*\(resnet18, width 8\)",
+    ):
         iw.merge_pretrained(wide, pretrained)
     deep = _shapes(resnet.ResNet(num_classes=5, depth=50, width=8))
     with pytest.raises(ValueError, match=r"no pretrained value.*resnet18"):
@@ -247,12 +297,16 @@ def test_convert_errors(r18):
     _, _, sd = r18
     missing = dict(sd)
     del missing["layer3.1.bn2.running_var"]
-    with pytest.raises(iw.WeightsError, match=r"1 resnet18 keys missing.*layer3\.1\.bn2\.running_var"):
+    with pytest.raises(
+        iw.WeightsError, match=r"1 resnet18 keys missing.*layer3\.1\.bn2\.running_var"
+    ):
         iw.convert_state_dict(missing)
     extra = dict(sd, **{"aux.weight": np.zeros(3, np.float32)})
     with pytest.raises(iw.WeightsError, match=r"unexpected.*aux\.weight"):
         iw.convert_state_dict(extra)
-    with pytest.raises(iw.WeightsError, match="--arch resnet50 given, but the weights are resnet18"):
+    with pytest.raises(
+        iw.WeightsError, match="--arch resnet50 given, but the weights are resnet18"
+    ):
         iw.convert_state_dict(sd, arch="resnet50")
     r34 = dict(sd)  # a third block in layer1 makes the (basic, 3-block) pattern of ResNet-34
     for k in [k for k in sd if k.startswith("layer1.1.")]:
@@ -275,16 +329,25 @@ _NO_TORCH = 77
 def _run_torch(script: str, tmp_path, *args) -> None:
     """Runs `script` (Python, with `import torch, torchvision` done and sys.argv[1:] = args) in
     a child interpreter; skips, saying why, when torch or torchvision is missing."""
-    prelude = ("import sys\n"
-               "try:\n"
-               "    import torch, torchvision\n"
-               "except ImportError as e:\n"
-               f"    print(e); sys.exit({_NO_TORCH})\n")
-    proc = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(script), *map(str, args)],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    prelude = (
+        "import sys\n"
+        "try:\n"
+        "    import torch, torchvision\n"
+        "except ImportError as e:\n"
+        f"    print(e); sys.exit({_NO_TORCH})\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", prelude + textwrap.dedent(script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+    )
     if proc.returncode == _NO_TORCH:
-        pytest.skip(f"torch/torchvision are not installed ({proc.stdout.strip()}): the torchvision "
-                    "comparison needs `pip install -r requirements-torch.txt`")
+        pytest.skip(
+            f"torch/torchvision are not installed ({proc.stdout.strip()}): the torchvision "
+            "comparison needs `pip install -r requirements-torch.txt`"
+        )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -309,7 +372,9 @@ _TORCHVISION_NET = """
 """
 
 
-@pytest.mark.parametrize("arch,legacy", [("resnet18", False), ("resnet18", True), ("resnet50", False)])
+@pytest.mark.parametrize(
+    "arch,legacy", [("resnet18", False), ("resnet18", True), ("resnet50", False)]
+)
 def test_logits_match_torchvision(tmp_path, arch, legacy):
     """A random-weight torchvision ResNet and the imported flax ResNet agree on the same images."""
     frames = np.random.default_rng(0).integers(0, 256, (2, 48, 48, 3), dtype=np.uint8)
@@ -322,18 +387,30 @@ def test_logits_match_torchvision(tmp_path, arch, legacy):
 
     pretrained = iw.load_pretrained(path)
     model = resnet.ResNet(num_classes=10, depth=int(arch[6:]))
-    abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 48, 48, 3)), train=False))
-    got = np.asarray(model.apply(iw.merge_pretrained(abstract, pretrained), jnp.asarray(x), train=False))
+    abstract = jax.eval_shape(
+        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 48, 48, 3)), train=False)
+    )
+    got = np.asarray(
+        model.apply(iw.merge_pretrained(abstract, pretrained), jnp.asarray(x), train=False)
+    )
     scale = np.abs(want).max()
     assert scale > 1e-3  # the comparison is not between two near-zero outputs
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * scale)
 
     if arch == "resnet18" and not legacy:
         # The training model itself: one frame, K=1, no shift -> the same logits per video.
-        fvm = full_video.FullVideoModel(num_classes=10, backbone="resnet18", num_clusters=1,
-                                        temporal_shift=False, dropout_rate=0.0, chunk_size=1)
+        fvm = full_video.FullVideoModel(
+            num_classes=10,
+            backbone="resnet18",
+            num_clusters=1,
+            temporal_shift=False,
+            dropout_rate=0.0,
+            chunk_size=1,
+        )
         videos, mask = jnp.asarray(frames[:, None]), jnp.ones((2, 1), bool)
-        abstract = jax.eval_shape(lambda: fvm.init(jax.random.PRNGKey(0), videos, mask, train=False))
+        abstract = jax.eval_shape(
+            lambda: fvm.init(jax.random.PRNGKey(0), videos, mask, train=False)
+        )
         logits, _ = fvm.apply(iw.merge_pretrained(abstract, pretrained), videos, mask, train=False)
         np.testing.assert_allclose(np.asarray(logits), want, rtol=1e-4, atol=1e-4 * scale)
 

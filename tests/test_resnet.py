@@ -46,11 +46,16 @@ def test_temporal_shift_bad_input():
 def test_torchvision_layout(depth, count):
     """Width 64, 1000 classes: torchvision's parameter count, names and shapes (HWIO)."""
     variables = jax.eval_shape(
-        lambda: ResNet(1000, depth).init(jax.random.key(0), jnp.zeros((1, 224, 224, 3)), train=False)
+        lambda: ResNet(1000, depth).init(
+            jax.random.key(0), jnp.zeros((1, 224, 224, 3)), train=False
+        )
     )
     params = variables["params"]
     assert sum(x.size for x in jax.tree.leaves(params)) == count
-    paths = {"/".join(k.key for k in p): x.shape for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    paths = {
+        "/".join(k.key for k in p): x.shape
+        for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
+    }
     assert paths["stem/conv1/kernel"] == (7, 7, 3, 64)
     assert paths["stem/bn1/scale"] == (64,)
     convs = [p for p in paths if p.endswith("kernel") and "fc" not in p]
@@ -67,7 +72,10 @@ def test_torchvision_layout(depth, count):
         assert paths["trunk/layer3_5/conv2/kernel"] == (3, 3, 256, 256)
         assert paths["trunk/layer4_0/downsample_1/scale"] == (2048,)
         assert paths["trunk/fc/kernel"] == (2048, 1000)
-    stats = {"/".join(k.key for k in p) for p, _ in jax.tree_util.tree_flatten_with_path(variables["batch_stats"])[0]}
+    stats = {
+        "/".join(k.key for k in p)
+        for p, _ in jax.tree_util.tree_flatten_with_path(variables["batch_stats"])[0]
+    }
     assert {"stem/bn1/mean", "stem/bn1/var", "trunk/layer4_1/bn2/var"} <= stats
 
 
@@ -81,7 +89,9 @@ def _stem_trunk_shapes(depth, dtype, width=8, b=2, k=3, train=True):
         h = stem.apply(sv, x, use_running_average=True)
         h = h.reshape((b, k) + h.shape[1:])
         tv = trunk.init(jax.random.key(2), h, train=False)
-        logits, _ = trunk.apply(tv, h, train=train, rngs={"dropout": jax.random.key(3)}, mutable=["batch_stats"])
+        logits, _ = trunk.apply(
+            tv, h, train=train, rngs={"dropout": jax.random.key(3)}, mutable=["batch_stats"]
+        )
         return sv, tv, h, logits
 
     return run
@@ -116,7 +126,9 @@ def test_runs_finite(depth, dtype):
 def test_cluster_points(point, stride, stage):
     x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
     stem = ResNetStem(18, 8, point)
-    h, sv = jax.eval_shape(lambda x: stem.init_with_output(jax.random.key(0), x, use_running_average=True), x)
+    h, sv = jax.eval_shape(
+        lambda x: stem.init_with_output(jax.random.key(0), x, use_running_average=True), x
+    )
     assert h.shape == (2, 32 // stride, 32 // stride, resnet.stem_channels(18, 8, point))
     names = set(sv["params"])
     assert ("layer2_0" in names) == (stage == 2) and ("layer1_0" in names) == (stage >= 1)
@@ -148,8 +160,12 @@ def test_segment_mask_leaves_steps_out_of_batch_statistics():
     v = trunk.init(jax.random.key(1), h, train=False)
     out = [trunk.apply(v, z, train=True, segment_mask=m, mutable=["batch_stats"]) for z in (h, h2)]
     np.testing.assert_allclose(out[0][0][:, :2], out[1][0][:, :2], rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(out[0][1]["batch_stats"]["layer2_0"]["bn1"]["mean"],
-                               out[1][1]["batch_stats"]["layer2_0"]["bn1"]["mean"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        out[0][1]["batch_stats"]["layer2_0"]["bn1"]["mean"],
+        out[1][1]["batch_stats"]["layer2_0"]["bn1"]["mean"],
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 def test_normalize_images_and_bad_backbone():

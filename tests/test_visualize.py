@@ -58,7 +58,7 @@ def test_timeline_pixels_follow_segments():
     left, top, width, h = layout.curve
     for b in np.flatnonzero(np.diff(SEG)):
         col = int(round(left + (b + 1) * width / len(SEG)))  # x = b + 0.5
-        cols = image[top + 10: top + h - 10, col - 1: col + 2].astype(int).sum(-1).min(-1)
+        cols = image[top + 10 : top + h - 10, col - 1 : col + 2].astype(int).sum(-1).min(-1)
         assert (cols < 60).mean() > 0.9, f"no boundary line after frame {b}"
     for s in range(k):
         where = np.flatnonzero(SEG == s)
@@ -66,7 +66,7 @@ def test_timeline_pixels_follow_segments():
         col = _col(layout.curve, t, len(SEG))
         tint = 255 * (1 - 0.28) + colors[t] * 0.28
         np.testing.assert_allclose(image[top + 5, col], tint, atol=2, err_msg=f"segment {s}")
-        assert image[top + 10: top + h - 10, col].astype(int).sum(-1).min() > 60  # no line here
+        assert image[top + 10 : top + h - 10, col].astype(int).sum(-1).min() > 60  # no line here
 
     # Thumbnails: border in the cluster colour of the frame shown, inside the frame's pixels.
     left, top, width, h = layout.thumbs
@@ -114,7 +114,9 @@ def cut_video(tmp_path_factory):
     frames = []
     for n in lengths:
         coarse = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
-        texture = np.repeat(np.repeat(coarse, 8, axis=0), 8, axis=1)  # 8x8 blocks: a 1-pixel pan changes little
+        texture = np.repeat(
+            np.repeat(coarse, 8, axis=0), 8, axis=1
+        )  # 8x8 blocks: a 1-pixel pan changes little
         frames += [np.roll(texture, i, axis=1)[8:40, 8:56] for i in range(n)]
     path = tmp_path_factory.mktemp("video") / "cuts.mp4"
     video_lib.encode_video(path, np.stack(frames))
@@ -124,8 +126,21 @@ def cut_video(tmp_path_factory):
 def test_cli_finds_planted_cuts_and_draws_them(tmp_path, cut_video):
     path, want = cut_video
     out = tmp_path / "clusters.png"
-    result = vis.main([str(path), "--out", str(out), "--num-clusters", "3", "--method", "slope",
-                       "--resize", "32", "--width", "700"])
+    result = vis.main(
+        [
+            str(path),
+            "--out",
+            str(out),
+            "--num-clusters",
+            "3",
+            "--method",
+            "slope",
+            "--resize",
+            "32",
+            "--width",
+            "700",
+        ]
+    )
     np.testing.assert_array_equal(result["segment_ids"], want)
     image = np.asarray(Image.open(out).convert("RGB"))
     layout = vis.timeline_layout(len(want), (32, 48), width=700)
@@ -140,10 +155,22 @@ def test_cli_errors(tmp_path):
 
 def test_stem_is_read_off_the_parameter_shapes():
     for backbone, point, width in (("resnet50", "maxpool", 8), ("resnet18", "stage2", 16)):
-        model = full_video.FullVideoModel(num_classes=3, backbone=backbone, width=width, num_clusters=2,
-                                          cluster_point=point, chunk_size=2)
-        shapes = jax.eval_shape(lambda m=model: m.init(jax.random.PRNGKey(0), jnp.zeros((1, 2, 32, 32, 3), jnp.uint8),
-                                                       jnp.ones((1, 2), bool), train=False))
+        model = full_video.FullVideoModel(
+            num_classes=3,
+            backbone=backbone,
+            width=width,
+            num_clusters=2,
+            cluster_point=point,
+            chunk_size=2,
+        )
+        shapes = jax.eval_shape(
+            lambda m=model: m.init(
+                jax.random.PRNGKey(0),
+                jnp.zeros((1, 2, 32, 32, 3), jnp.uint8),
+                jnp.ones((1, 2), bool),
+                train=False,
+            )
+        )
         stem, _, _ = vis.stem_from_params(shapes["params"], shapes["batch_stats"])
         assert (stem.depth, stem.width, stem.cluster_point) == (int(backbone[6:]), width, point)
 
@@ -152,35 +179,88 @@ def test_workdir_checkpoint_stem_gives_the_models_segments(tmp_path, cut_video):
     """--workdir: segments from the checkpoint's stem equal the model's own clustering."""
     path, _ = cut_video
     frames = video_lib.decode_video(path, resize=32)
-    model = full_video.FullVideoModel(num_classes=3, backbone="resnet18", width=8, num_clusters=3,
-                                      cluster_method="cumulative", chunk_size=8)
+    model = full_video.FullVideoModel(
+        num_classes=3,
+        backbone="resnet18",
+        width=8,
+        num_clusters=3,
+        cluster_method="cumulative",
+        chunk_size=8,
+    )
     videos, mask = jnp.asarray(frames[None]), jnp.ones((1, len(frames)), bool)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(1), videos[:, :2], mask[:, :2], train=False,
-                                               method="unchunked"))
+    shapes = jax.eval_shape(
+        lambda: model.init(
+            jax.random.PRNGKey(1), videos[:, :2], mask[:, :2], train=False, method="unchunked"
+        )
+    )
     # Random values (no init compile); non-trivial running statistics, so that using them matters.
     rng = np.random.default_rng(1)
     variables = jax.tree_util.tree_map_with_path(
-        lambda p, v: (np.abs(rng.normal(size=v.shape)) + 0.5 if p[-1].key == "var" else rng.normal(size=v.shape) * 0.3
-                      ).astype(np.float32), shapes)
-    mngr = ocp.CheckpointManager(tmp_path / "run" / "checkpoints")  # the layout fva_jax.train writes
-    state = {"step": np.int32(5), "params": variables["params"], "batch_stats": variables["batch_stats"],
-             "opt_state": {}, "rng": np.zeros(2, np.uint32)}
-    mngr.save(5, args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave({})))
+        lambda p, v: (
+            np.abs(rng.normal(size=v.shape)) + 0.5
+            if p[-1].key == "var"
+            else rng.normal(size=v.shape) * 0.3
+        ).astype(np.float32),
+        shapes,
+    )
+    mngr = ocp.CheckpointManager(
+        tmp_path / "run" / "checkpoints"
+    )  # the layout fva_jax.train writes
+    state = {
+        "step": np.int32(5),
+        "params": variables["params"],
+        "batch_stats": variables["batch_stats"],
+        "opt_state": {},
+        "rng": np.zeros(2, np.uint32),
+    }
+    mngr.save(
+        5, args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave({}))
+    )
     mngr.wait_until_finished()
     mngr.close()
 
-    result = vis.main([str(path), "--out", str(tmp_path / "c.png"), "--num-clusters", "3",
-                       "--resize", "32", "--workdir", str(tmp_path / "run"), "--chunk-size", "8"])
-    _, want = jax.jit(lambda v: model.apply(v, videos, mask, train=False, method="unchunked"))(variables)
+    result = vis.main(
+        [
+            str(path),
+            "--out",
+            str(tmp_path / "c.png"),
+            "--num-clusters",
+            "3",
+            "--resize",
+            "32",
+            "--workdir",
+            str(tmp_path / "run"),
+            "--chunk-size",
+            "8",
+        ]
+    )
+    _, want = jax.jit(lambda v: model.apply(v, videos, mask, train=False, method="unchunked"))(
+        variables
+    )
     np.testing.assert_array_equal(result["segment_ids"], np.asarray(want)[0])
     # Distances: the model's own stem (bound inside FullVideoModel) on all frames at once.
-    feats = model.apply(variables, videos[0], method=lambda m, x: m.stem(
-        resnet.normalize_images(x), use_running_average=True))
+    feats = model.apply(
+        variables,
+        videos[0],
+        method=lambda m, x: m.stem(resnet.normalize_images(x), use_running_average=True),
+    )
     feats = np.asarray(feats).reshape(len(frames), -1)
-    d_want = clustering.hamming_distances(clustering.sign_bits(feats), 1, num_features=feats.shape[1])
+    d_want = clustering.hamming_distances(
+        clustering.sign_bits(feats), 1, num_features=feats.shape[1]
+    )
     np.testing.assert_allclose(result["distances"], np.asarray(d_want), atol=1e-6)
     assert result["distances"][:-1].min() > 0  # the stem sees the motion inside scenes too
     with pytest.raises(SystemExit, match="no checkpoint .*checkpoints/7/state"):
-        vis.main([str(path), "--out", str(tmp_path / "d.png"), "--workdir", str(tmp_path / "run"), "--step", "7"])
+        vis.main(
+            [
+                str(path),
+                "--out",
+                str(tmp_path / "d.png"),
+                "--workdir",
+                str(tmp_path / "run"),
+                "--step",
+                "7",
+            ]
+        )
     with pytest.raises(SystemExit, match="no checkpoints in"):
         vis.main([str(path), "--out", str(tmp_path / "d.png"), "--workdir", str(tmp_path / "none")])

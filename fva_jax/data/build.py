@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import sys
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
 _NAME = flags.DEFINE_string("name", "sparse_events", "Data set (fva_jax.data.builders.BUILDERS).")
 _CONFIG = flags.DEFINE_string("config", "", "Builder config ('' = the first, e.g. s1, split1).")
@@ -26,23 +25,31 @@ _WORKERS = flags.DEFINE_integer("num_workers", None, "Decoding processes (defaul
 
 
 def main(argv):
-  del argv
-  from fva_jax.data import builders  # pylint: disable=g-import-not-at-top
-  from fva_jax.data.video import VideoDecodeError  # pylint: disable=g-import-not-at-top
-  b = builders.get_builder(_NAME.value, _CONFIG.value, _DATA_DIR.value,
-                           skip_corrupt=_SKIP.value, num_workers=_WORKERS.value)
-  try:
-    builders.prepare(b, _MANUAL_DIR.value)
-  except (builders.MissingDataError, VideoDecodeError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
-  label = b.info.features["label"]
-  print(f"{b.name}/{b.builder_config.name} in {b.data_dir}: {label.num_classes} classes, "
-        + ", ".join(f"{k}: {v.num_examples}" for k, v in b.info.splits.items()))
-  for split, paths in getattr(b, "skipped", {}).items():
-    if paths:
-      print(f"  {split}: skipped {len(paths)} corrupt videos")
+    del argv
+    from fva_jax.data import builders  # pylint: disable=g-import-not-at-top
+    from fva_jax.data.video import VideoDecodeError  # pylint: disable=g-import-not-at-top
+
+    b = builders.get_builder(
+        _NAME.value,
+        _CONFIG.value,
+        _DATA_DIR.value,
+        skip_corrupt=_SKIP.value,
+        num_workers=_WORKERS.value,
+    )
+    try:
+        builders.prepare(b, _MANUAL_DIR.value)
+    except (builders.MissingDataError, VideoDecodeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    label = b.info.features["label"]
+    print(
+        f"{b.name}/{b.builder_config.name} in {b.data_dir}: {label.num_classes} classes, "
+        + ", ".join(f"{k}: {v.num_examples}" for k, v in b.info.splits.items())
+    )
+    for split, paths in getattr(b, "skipped", {}).items():
+        if paths:
+            print(f"  {split}: skipped {len(paths)} corrupt videos")
 
 
 if __name__ == "__main__":
-  app.run(main)
+    app.run(main)

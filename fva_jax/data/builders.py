@@ -36,9 +36,9 @@ import pathlib
 import re
 from typing import Iterable, Iterator
 
-from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
 from fva_jax.data import sparse_events as se
 from fva_jax.data.build_worker import decode_item
@@ -53,260 +53,324 @@ _RELEASE_NOTES = {"1.0.0": "Initial release."}
 
 @dataclasses.dataclass(eq=False)
 class VideoConfig(tfds.core.BuilderConfig):
-  """Config of a real-data builder.
+    """Config of a real-data builder.
 
-  Attributes:
-    split_index: which official split (1-based: breakfast s1..s4, ucf101/hmdb51
-      split1..split3); 0 where the set has only one (Something-Something).
-    resize_short: store frames with the shorter side at most this (0: source size).
-    frame_stride: store every `frame_stride`-th frame.
-    max_frames: store at most this many frames per video (0: all).
-    jpeg_quality: quality of the stored JPEG frames.
-    stereo_channel: Breakfast only; which channel of the stereo camera to use
-      ("ch0"; "" skips the stereo camera). One channel gives the customary 1,712 videos.
-  """
-  split_index: int = 0
-  resize_short: int = 256
-  frame_stride: int = 1
-  max_frames: int = 0
-  jpeg_quality: int = 90
-  stereo_channel: str = "ch0"
+    Attributes:
+      split_index: which official split (1-based: breakfast s1..s4, ucf101/hmdb51
+        split1..split3); 0 where the set has only one (Something-Something).
+      resize_short: store frames with the shorter side at most this (0: source size).
+      frame_stride: store every `frame_stride`-th frame.
+      max_frames: store at most this many frames per video (0: all).
+      jpeg_quality: quality of the stored JPEG frames.
+      stereo_channel: Breakfast only; which channel of the stereo camera to use
+        ("ch0"; "" skips the stereo camera). One channel gives the customary 1,712 videos.
+    """
+
+    split_index: int = 0
+    resize_short: int = 256
+    frame_stride: int = 1
+    max_frames: int = 0
+    jpeg_quality: int = 90
+    stereo_channel: str = "ch0"
 
 
 @dataclasses.dataclass(eq=False)
 class SparseEventsConfig(tfds.core.BuilderConfig):
-  """Config of `sparse_events`: the generator spec and JPEG quality."""
-  spec: se.SparseEventsSpec = dataclasses.field(default_factory=se.SparseEventsSpec)
-  jpeg_quality: int = 90
+    """Config of `sparse_events`: the generator spec and JPEG quality."""
+
+    spec: se.SparseEventsSpec = dataclasses.field(default_factory=se.SparseEventsSpec)
+    jpeg_quality: int = 90
 
 
 # --------------------------------------------------------------------------- helpers
 
 
 def _video_features(num_classes: int) -> tfds.features.FeaturesDict:
-  return tfds.features.FeaturesDict({
-      "video": tfds.features.Video(shape=(None, None, None, 3), encoding_format="jpeg"),
-      "num_frames": tfds.features.Scalar(np.int32),
-      "label": tfds.features.ClassLabel(num_classes=num_classes),
-      "video_id": tfds.features.Text(),
-  })
+    return tfds.features.FeaturesDict(
+        {
+            "video": tfds.features.Video(shape=(None, None, None, 3), encoding_format="jpeg"),
+            "num_frames": tfds.features.Scalar(np.int32),
+            "label": tfds.features.ClassLabel(num_classes=num_classes),
+            "video_id": tfds.features.Text(),
+        }
+    )
 
 
 class MissingDataError(FileNotFoundError):
-  """The official download is not where the builder looks for it."""
+    """The official download is not where the builder looks for it."""
 
 
 class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """Base of all builders here."""
+    """Base of all builders here."""
 
-  # TFDS 4.9.10's default `code_path` touches `importlib_resources`, which it only
-  # installs on Python < 3.9; the class's own file is all it needs to find.
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls):
-    return epath.Path(inspect.getfile(cls))
+    # TFDS 4.9.10's default `code_path` touches `importlib_resources`, which it only
+    # installs on Python < 3.9; the class's own file is all it needs to find.
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls):
+        return epath.Path(inspect.getfile(cls))
 
 
 class _VideoBuilder(_Builder, skip_registration=True):
-  """Shared machinery: manual_dir checks, parallel decoding, corrupt-file policy."""
+    """Shared machinery: manual_dir checks, parallel decoding, corrupt-file policy."""
 
-  VERSION = _VERSION
-  RELEASE_NOTES = _RELEASE_NOTES
-  NUM_CLASSES: int = 0
-  DESCRIPTION: str = ""
-  HOMEPAGE: str = ""
+    VERSION = _VERSION
+    RELEASE_NOTES = _RELEASE_NOTES
+    NUM_CLASSES: int = 0
+    DESCRIPTION: str = ""
+    HOMEPAGE: str = ""
 
-  def __init__(self, *, skip_corrupt: bool = False, num_workers: int | None = None,
-               **kwargs):
-    """Args: skip_corrupt: skip (and count) undecodable videos instead of stopping;
-    num_workers: decoding processes at build time (None: up to 8 by CPU count;
-    0: decode in this process); other args as tfds.core.DatasetBuilder."""
-    self.skip_corrupt = skip_corrupt
-    self.num_workers = (min(8, os.cpu_count() or 1) if num_workers is None
-                        else num_workers)
-    self.skipped: dict[str, list[str]] = {}
-    super().__init__(**kwargs)
+    def __init__(self, *, skip_corrupt: bool = False, num_workers: int | None = None, **kwargs):
+        """Args: skip_corrupt: skip (and count) undecodable videos instead of stopping;
+        num_workers: decoding processes at build time (None: up to 8 by CPU count;
+        0: decode in this process); other args as tfds.core.DatasetBuilder."""
+        self.skip_corrupt = skip_corrupt
+        self.num_workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
+        self.skipped: dict[str, list[str]] = {}
+        super().__init__(**kwargs)
 
-  def _info(self) -> tfds.core.DatasetInfo:
-    return self.dataset_info_from_configs(
-        description=self.DESCRIPTION, homepage=self.HOMEPAGE,
-        features=_video_features(self.NUM_CLASSES),
-        supervised_keys=("video", "label"))
+    def _info(self) -> tfds.core.DatasetInfo:
+        return self.dataset_info_from_configs(
+            description=self.DESCRIPTION,
+            homepage=self.HOMEPAGE,
+            features=_video_features(self.NUM_CLASSES),
+            supervised_keys=("video", "label"),
+        )
 
-  # --- manual data
+    # --- manual data
 
-  def _root(self, dl_manager) -> pathlib.Path:
-    try:
-      return pathlib.Path(os.fspath(dl_manager.manual_dir))
-    except AssertionError:
-      where = getattr(dl_manager, "_manual_dir", None)
-      raise MissingDataError(
-          f"{self.name}: manual_dir {where} does not exist or is empty.\n"
-          f"{self.MANUAL_DOWNLOAD_INSTRUCTIONS}") from None
+    def _root(self, dl_manager) -> pathlib.Path:
+        try:
+            return pathlib.Path(os.fspath(dl_manager.manual_dir))
+        except AssertionError:
+            where = getattr(dl_manager, "_manual_dir", None)
+            raise MissingDataError(
+                f"{self.name}: manual_dir {where} does not exist or is empty.\n"
+                f"{self.MANUAL_DOWNLOAD_INSTRUCTIONS}"
+            ) from None
 
-  def _require(self, path: pathlib.Path, what: str) -> pathlib.Path:
-    if not path.exists():
-      raise MissingDataError(
-          f"{self.name}: expected {what} at {path}, not found.\n"
-          f"{self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
-    return path
+    def _require(self, path: pathlib.Path, what: str) -> pathlib.Path:
+        if not path.exists():
+            raise MissingDataError(
+                f"{self.name}: expected {what} at {path}, not found.\n"
+                f"{self.MANUAL_DOWNLOAD_INSTRUCTIONS}"
+            )
+        return path
 
-  def _set_class_names(self, names: list[str], source: pathlib.Path):
-    if len(names) != self.NUM_CLASSES or len(set(names)) != len(names):
-      raise ValueError(f"{self.name}: {source} should list {self.NUM_CLASSES} distinct "
-                       f"classes, found {len(names)} ({len(set(names))} distinct)")
-    feature = self.info.features["label"]
-    if feature.names != names:
-      feature.names = names
+    def _set_class_names(self, names: list[str], source: pathlib.Path):
+        if len(names) != self.NUM_CLASSES or len(set(names)) != len(names):
+            raise ValueError(
+                f"{self.name}: {source} should list {self.NUM_CLASSES} distinct "
+                f"classes, found {len(names)} ({len(set(names))} distinct)"
+            )
+        feature = self.info.features["label"]
+        if feature.names != names:
+            feature.names = names
 
-  # --- examples
+    # --- examples
 
-  def _decode_kwargs(self) -> dict:
-    c = self.builder_config
-    return dict(stride=c.frame_stride, max_frames=c.max_frames or None,
-                resize=c.resize_short or None, shrink_only=True)
+    def _decode_kwargs(self) -> dict:
+        c = self.builder_config
+        return dict(
+            stride=c.frame_stride,
+            max_frames=c.max_frames or None,
+            resize=c.resize_short or None,
+            shrink_only=True,
+        )
 
-  def _generate_examples(self, split: str, items: Iterable[tuple[pathlib.Path, int, str]]
-                         ) -> Iterator[tuple[str, dict]]:
-    """Decodes (path, label, video_id) items into examples keyed by video_id."""
-    kw, q = self._decode_kwargs(), self.builder_config.jpeg_quality
-    args = [(vid, os.fspath(p), label, vid, kw, q) for p, label, vid in items]
-    skipped = self.skipped.setdefault(split, [])
-    if self.num_workers > 0 and len(args) > 1:
-      # spawn: forking a process that has TensorFlow's threads running can deadlock.
-      ctx = multiprocessing.get_context("spawn")
-      with ctx.Pool(min(self.num_workers, len(args))) as pool:
-        yield from self._collect(split, pool.imap(decode_item, args, chunksize=1), skipped)
-    else:
-      yield from self._collect(split, map(decode_item, args), skipped)
+    def _generate_examples(
+        self, split: str, items: Iterable[tuple[pathlib.Path, int, str]]
+    ) -> Iterator[tuple[str, dict]]:
+        """Decodes (path, label, video_id) items into examples keyed by video_id."""
+        kw, q = self._decode_kwargs(), self.builder_config.jpeg_quality
+        args = [(vid, os.fspath(p), label, vid, kw, q) for p, label, vid in items]
+        skipped = self.skipped.setdefault(split, [])
+        if self.num_workers > 0 and len(args) > 1:
+            # spawn: forking a process that has TensorFlow's threads running can deadlock.
+            ctx = multiprocessing.get_context("spawn")
+            with ctx.Pool(min(self.num_workers, len(args))) as pool:
+                yield from self._collect(split, pool.imap(decode_item, args, chunksize=1), skipped)
+        else:
+            yield from self._collect(split, map(decode_item, args), skipped)
 
-  def _collect(self, split, results, skipped):
-    n = 0
-    for key, res in results:
-      if isinstance(res, VideoDecodeError):
-        if not self.skip_corrupt:
-          raise VideoDecodeError(
-              res.path, res.reason + " (set skip_corrupt / --config.data.skip_corrupt=True "
-              "to skip such files)") from res
-        logging.warning("%s/%s: skipping %s", self.name, split, res)
-        skipped.append(res.path)
-        continue
-      n += 1
-      yield key, res
-    msg = f"{self.name}/{self.builder_config.name}/{split}: {n} videos, {len(skipped)} corrupt skipped"
-    if skipped:
-      msg += ": " + ", ".join(skipped[:20]) + (" ..." if len(skipped) > 20 else "")
-    print(msg, flush=True)
-    logging.info(msg)
+    def _collect(self, split, results, skipped):
+        n = 0
+        for key, res in results:
+            if isinstance(res, VideoDecodeError):
+                if not self.skip_corrupt:
+                    raise VideoDecodeError(
+                        res.path,
+                        res.reason + " (set skip_corrupt / --config.data.skip_corrupt=True "
+                        "to skip such files)",
+                    ) from res
+                logging.warning("%s/%s: skipping %s", self.name, split, res)
+                skipped.append(res.path)
+                continue
+            n += 1
+            yield key, res
+        msg = (
+            f"{self.name}/{self.builder_config.name}/{split}: {n} videos, "
+            f"{len(skipped)} corrupt skipped"
+        )
+        if skipped:
+            msg += ": " + ", ".join(skipped[:20]) + (" ..." if len(skipped) > 20 else "")
+        print(msg, flush=True)
+        logging.info(msg)
 
 
 # --------------------------------------------------------------------------- sparse_events
 
 
 class SparseEvents(_Builder):
-  """Procedural videos whose class shows in only a few frames (see sparse_events.py)."""
+    """Procedural videos whose class shows in only a few frames (see sparse_events.py)."""
 
-  VERSION = _VERSION
-  RELEASE_NOTES = _RELEASE_NOTES
-  BUILDER_CONFIGS = [
-      SparseEventsConfig(name="default", description="1000 train / 250 test videos, "
-                         "48-256 frames, 64x64, 4-frame events, 6 classes."),
-      SparseEventsConfig(name="small", description="256 / 64 videos, 48-128 frames.",
-                         spec=se.SparseEventsSpec(num_train=256, num_test=64,
-                                                  max_frames=128)),
-      SparseEventsConfig(name="tiny", description="For tests: 12 / 6 videos, 12-24 "
-                         "frames, 32x32, 3-frame events, 4 classes.",
-                         spec=se.SparseEventsSpec(num_classes=4, num_train=12, num_test=6,
-                                                  min_frames=12, max_frames=24, size=32,
-                                                  event_frames=3)),
-  ]
+    VERSION = _VERSION
+    RELEASE_NOTES = _RELEASE_NOTES
+    BUILDER_CONFIGS = [
+        SparseEventsConfig(
+            name="default",
+            description="1000 train / 250 test videos, "
+            "48-256 frames, 64x64, 4-frame events, 6 classes.",
+        ),
+        SparseEventsConfig(
+            name="small",
+            description="256 / 64 videos, 48-128 frames.",
+            spec=se.SparseEventsSpec(num_train=256, num_test=64, max_frames=128),
+        ),
+        SparseEventsConfig(
+            name="tiny",
+            description="For tests: 12 / 6 videos, 12-24 frames, 32x32, 3-frame events, 4 classes.",
+            spec=se.SparseEventsSpec(
+                num_classes=4,
+                num_train=12,
+                num_test=6,
+                min_frames=12,
+                max_frames=24,
+                size=32,
+                event_frames=3,
+            ),
+        ),
+    ]
 
-  def __init__(self, *, skip_corrupt: bool = False, num_workers: int | None = None,
-               **kwargs):
-    del skip_corrupt, num_workers  # Nothing to decode; same signature as the others.
-    super().__init__(**kwargs)
+    def __init__(self, *, skip_corrupt: bool = False, num_workers: int | None = None, **kwargs):
+        del skip_corrupt, num_workers  # Nothing to decode; same signature as the others.
+        super().__init__(**kwargs)
 
-  def _info(self) -> tfds.core.DatasetInfo:
-    spec = self.builder_config.spec
-    return self.dataset_info_from_configs(
-        description=__doc__,
-        features=tfds.features.FeaturesDict({
-            "video": tfds.features.Video(shape=(None, spec.size, spec.size, 3),
-                                         encoding_format="jpeg"),
-            "num_frames": tfds.features.Scalar(np.int32),
-            "label": tfds.features.ClassLabel(names=se.class_names(spec.num_classes)),
-            "video_id": tfds.features.Text(),
-            "event_start": tfds.features.Scalar(np.int32),
-        }),
-        supervised_keys=("video", "label"))
+    def _info(self) -> tfds.core.DatasetInfo:
+        spec = self.builder_config.spec
+        return self.dataset_info_from_configs(
+            description=__doc__,
+            features=tfds.features.FeaturesDict(
+                {
+                    "video": tfds.features.Video(
+                        shape=(None, spec.size, spec.size, 3), encoding_format="jpeg"
+                    ),
+                    "num_frames": tfds.features.Scalar(np.int32),
+                    "label": tfds.features.ClassLabel(names=se.class_names(spec.num_classes)),
+                    "video_id": tfds.features.Text(),
+                    "event_start": tfds.features.Scalar(np.int32),
+                }
+            ),
+            supervised_keys=("video", "label"),
+        )
 
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    spec = self.builder_config.spec
-    return {"train": self._generate_examples("train", spec.num_train),
-            "test": self._generate_examples("test", spec.num_test)}
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        spec = self.builder_config.spec
+        return {
+            "train": self._generate_examples("train", spec.num_train),
+            "test": self._generate_examples("test", spec.num_test),
+        }
 
-  def _generate_examples(self, split, n):
-    spec, q = self.builder_config.spec, self.builder_config.jpeg_quality
-    for i in range(n):
-      v = se.make_video(spec, split, i)
-      vid = f"{split}/{i:06d}"
-      yield vid, {"video": encode_jpegs(v["video"], q), "num_frames": v["num_frames"],
-                  "label": v["label"], "video_id": vid, "event_start": v["event_start"]}
+    def _generate_examples(self, split, n):
+        spec, q = self.builder_config.spec, self.builder_config.jpeg_quality
+        for i in range(n):
+            v = se.make_video(spec, split, i)
+            vid = f"{split}/{i:06d}"
+            yield (
+                vid,
+                {
+                    "video": encode_jpegs(v["video"], q),
+                    "num_frames": v["num_frames"],
+                    "label": v["label"],
+                    "video_id": vid,
+                    "event_start": v["event_start"],
+                },
+            )
 
 
 # --------------------------------------------------------------------------- breakfast
 
-BREAKFAST_CLASSES = ["cereals", "coffee", "friedegg", "juice", "milk", "pancake", "salat",
-                     "sandwich", "scrambledegg", "tea"]
+BREAKFAST_CLASSES = [
+    "cereals",
+    "coffee",
+    "friedegg",
+    "juice",
+    "milk",
+    "pancake",
+    "salat",
+    "sandwich",
+    "scrambledegg",
+    "tea",
+]
 BREAKFAST_DIR = "BreakfastII_15fps_qvga_sync"
 _BREAKFAST_FILE = re.compile(r"^(P\d\d)_([a-z]+?)(?:_(ch\d))?\.avi$")
 
 
 class Breakfast(_VideoBuilder):
-  """Breakfast Actions (Kuehne et al., CVPR 2014): 10 activities, 52 participants."""
+    """Breakfast Actions (Kuehne et al., CVPR 2014): 10 activities, 52 participants."""
 
-  NUM_CLASSES = 10
-  DESCRIPTION = __doc__
-  HOMEPAGE = "https://serre-lab.clps.brown.edu/resource/breakfast-actions-dataset/"
-  BUILDER_CONFIGS = [
-      VideoConfig(name=f"s{i}", split_index=i,
-                  description=f"Official split s{i}: test on P{3 + 13 * (i - 1):02d}-"
-                  f"P{15 + 13 * (i - 1):02d}, train on the other participants.")
-      for i in range(1, 5)
-  ]
-  MANUAL_DOWNLOAD_INSTRUCTIONS = f"""\
+    NUM_CLASSES = 10
+    DESCRIPTION = __doc__
+    HOMEPAGE = "https://serre-lab.clps.brown.edu/resource/breakfast-actions-dataset/"
+    BUILDER_CONFIGS = [
+        VideoConfig(
+            name=f"s{i}",
+            split_index=i,
+            description=f"Official split s{i}: test on P{3 + 13 * (i - 1):02d}-"
+            f"P{15 + 13 * (i - 1):02d}, train on the other participants.",
+        )
+        for i in range(1, 5)
+    ]
+    MANUAL_DOWNLOAD_INSTRUCTIONS = f"""\
 Download the Breakfast Actions videos (BreakfastII_15fps_qvga_sync.tar.gz, ~3.6 GB) from
 {HOMEPAGE} and unpack it into manual_dir, so that
   <manual_dir>/{BREAKFAST_DIR}/P03/cam01/P03_cereals.avi
 exists (cameras cam01, cam02, webcam01, webcam02, stereo; label files may stay).
 Then build:  python -m fva_jax.data.build --name=breakfast --config=s1 --manual_dir=<manual_dir>"""
 
-  def _split_generators(self, dl_manager):
-    root = self._require(self._root(dl_manager) / BREAKFAST_DIR, "the unpacked video folder")
-    i = self.builder_config.split_index
-    test_ids = {f"P{p:02d}" for p in range(3 + 13 * (i - 1), 16 + 13 * (i - 1))}
-    train, test, unknown = [], [], []
-    for path in sorted(root.glob("P*/*/*.avi")):
-      m = _BREAKFAST_FILE.match(path.name)
-      participant = path.parent.parent.name
-      if not m or m.group(1) != participant or m.group(2) not in BREAKFAST_CLASSES:
-        unknown.append(path)
-        continue
-      channel = m.group(3)
-      if channel and channel != self.builder_config.stereo_channel:
-        continue  # the other stereo channel: a near-duplicate view
-      item = (path, BREAKFAST_CLASSES.index(m.group(2)), os.fspath(path.relative_to(root)))
-      (test if participant in test_ids else train).append(item)
-    if unknown:
-      print(f"breakfast: ignoring {len(unknown)} .avi files whose names do not follow "
-            f"<Pxx>/<camera>/<Pxx>_<activity>[_chN].avi: "
-            + ", ".join(map(str, unknown[:10])), flush=True)
-    if not train and not test:
-      raise MissingDataError(f"breakfast: no videos under {root}/P*/<camera>/*.avi.\n"
-                             f"{self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
-    self._set_class_names(BREAKFAST_CLASSES, root)
-    return {"train": self._generate_examples("train", train), "test": self._generate_examples("test", test)}
+    def _split_generators(self, dl_manager):
+        root = self._require(self._root(dl_manager) / BREAKFAST_DIR, "the unpacked video folder")
+        i = self.builder_config.split_index
+        test_ids = {f"P{p:02d}" for p in range(3 + 13 * (i - 1), 16 + 13 * (i - 1))}
+        train, test, unknown = [], [], []
+        for path in sorted(root.glob("P*/*/*.avi")):
+            m = _BREAKFAST_FILE.match(path.name)
+            participant = path.parent.parent.name
+            if not m or m.group(1) != participant or m.group(2) not in BREAKFAST_CLASSES:
+                unknown.append(path)
+                continue
+            channel = m.group(3)
+            if channel and channel != self.builder_config.stereo_channel:
+                continue  # the other stereo channel: a near-duplicate view
+            item = (path, BREAKFAST_CLASSES.index(m.group(2)), os.fspath(path.relative_to(root)))
+            (test if participant in test_ids else train).append(item)
+        if unknown:
+            print(
+                f"breakfast: ignoring {len(unknown)} .avi files whose names do not follow "
+                f"<Pxx>/<camera>/<Pxx>_<activity>[_chN].avi: " + ", ".join(map(str, unknown[:10])),
+                flush=True,
+            )
+        if not train and not test:
+            raise MissingDataError(
+                f"breakfast: no videos under {root}/P*/<camera>/*.avi.\n"
+                f"{self.MANUAL_DOWNLOAD_INSTRUCTIONS}"
+            )
+        self._set_class_names(BREAKFAST_CLASSES, root)
+        return {
+            "train": self._generate_examples("train", train),
+            "test": self._generate_examples("test", test),
+        }
 
 
 # --------------------------------------------------------------------------- ucf101
@@ -315,57 +379,64 @@ UCF_VIDEOS, UCF_LISTS = "UCF-101", "ucfTrainTestlist"
 
 
 class Ucf101(_VideoBuilder, skip_registration=True):
-  """UCF101 (Soomro et al., 2012): 101 classes, 13,320 clips, 3 official splits."""
+    """UCF101 (Soomro et al., 2012): 101 classes, 13,320 clips, 3 official splits."""
 
-  name = "ucf101"
-  NUM_CLASSES = 101
-  DESCRIPTION = __doc__
-  HOMEPAGE = "https://www.crcv.ucf.edu/data/UCF101.php"
-  BUILDER_CONFIGS = [VideoConfig(name=f"split{i}", split_index=i,
-                                 description=f"Official trainlist0{i}/testlist0{i}.")
-                     for i in range(1, 4)]
-  MANUAL_DOWNLOAD_INSTRUCTIONS = f"""\
+    name = "ucf101"
+    NUM_CLASSES = 101
+    DESCRIPTION = __doc__
+    HOMEPAGE = "https://www.crcv.ucf.edu/data/UCF101.php"
+    BUILDER_CONFIGS = [
+        VideoConfig(
+            name=f"split{i}", split_index=i, description=f"Official trainlist0{i}/testlist0{i}."
+        )
+        for i in range(1, 4)
+    ]
+    MANUAL_DOWNLOAD_INSTRUCTIONS = f"""\
 Download UCF101.rar and UCF101TrainTestSplits-RecognitionTask.zip from {HOMEPAGE} and
 unpack both into manual_dir, so that these exist:
   <manual_dir>/{UCF_VIDEOS}/ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01.avi
   <manual_dir>/{UCF_LISTS}/classInd.txt, trainlist01.txt, testlist01.txt, ...
 Then build:  python -m fva_jax.data.build --name=ucf101 --config=split1 --manual_dir=<manual_dir>"""
 
-  def _split_generators(self, dl_manager):
-    root = self._root(dl_manager)
-    videos = self._require(root / UCF_VIDEOS, "the unpacked UCF-101 video folder")
-    lists = self._require(root / UCF_LISTS, "the unpacked split lists")
-    class_ind = self._require(lists / "classInd.txt", "classInd.txt")
-    names = []
-    for n, line in enumerate(class_ind.read_text().split("\n"), 1):
-      if line.strip():
-        idx, name = line.split()
-        if int(idx) != len(names) + 1:
-          raise ValueError(f"{class_ind}:{n}: expected index {len(names) + 1}, got {idx}")
-        names.append(name)
-    self._set_class_names(names, class_ind)
-    lower = {name.lower(): i for i, name in enumerate(names)}
-    i = self.builder_config.split_index
+    def _split_generators(self, dl_manager):
+        root = self._root(dl_manager)
+        videos = self._require(root / UCF_VIDEOS, "the unpacked UCF-101 video folder")
+        lists = self._require(root / UCF_LISTS, "the unpacked split lists")
+        class_ind = self._require(lists / "classInd.txt", "classInd.txt")
+        names = []
+        for n, line in enumerate(class_ind.read_text().split("\n"), 1):
+            if line.strip():
+                idx, name = line.split()
+                if int(idx) != len(names) + 1:
+                    raise ValueError(f"{class_ind}:{n}: expected index {len(names) + 1}, got {idx}")
+                names.append(name)
+        self._set_class_names(names, class_ind)
+        lower = {name.lower(): i for i, name in enumerate(names)}
+        i = self.builder_config.split_index
 
-    def read(kind):
-      f = self._require(lists / f"{kind}list0{i}.txt", f"{kind}list0{i}.txt")
-      items = []
-      for n, line in enumerate(f.read_text().split("\n"), 1):
-        parts = line.split()
-        if not parts:
-          continue
-        rel = parts[0].replace("\\", "/")
-        folder = rel.split("/")[0].lower()  # the class folder decides the label
-        if folder not in lower:
-          raise ValueError(f"{f}:{n}: class folder {rel.split('/')[0]!r} not in classInd.txt")
-        label = lower[folder]
-        if len(parts) > 1 and int(parts[1]) - 1 != label:
-          raise ValueError(f"{f}:{n}: label {parts[1]} disagrees with folder of {rel}")
-        items.append((videos / rel, label, rel))
-      return items
+        def read(kind):
+            f = self._require(lists / f"{kind}list0{i}.txt", f"{kind}list0{i}.txt")
+            items = []
+            for n, line in enumerate(f.read_text().split("\n"), 1):
+                parts = line.split()
+                if not parts:
+                    continue
+                rel = parts[0].replace("\\", "/")
+                folder = rel.split("/")[0].lower()  # the class folder decides the label
+                if folder not in lower:
+                    raise ValueError(
+                        f"{f}:{n}: class folder {rel.split('/')[0]!r} not in classInd.txt"
+                    )
+                label = lower[folder]
+                if len(parts) > 1 and int(parts[1]) - 1 != label:
+                    raise ValueError(f"{f}:{n}: label {parts[1]} disagrees with folder of {rel}")
+                items.append((videos / rel, label, rel))
+            return items
 
-    return {"train": self._generate_examples("train", read("train")),
-            "test": self._generate_examples("test", read("test"))}
+        return {
+            "train": self._generate_examples("train", read("train")),
+            "test": self._generate_examples("test", read("test")),
+        }
 
 
 # --------------------------------------------------------------------------- hmdb51
@@ -375,15 +446,18 @@ HMDB_VIDEOS = "hmdb51_org"
 
 
 class Hmdb51(_VideoBuilder):
-  """HMDB51 (Kuehne et al., ICCV 2011): 51 classes, 6,766 clips, 3 official splits."""
+    """HMDB51 (Kuehne et al., ICCV 2011): 51 classes, 6,766 clips, 3 official splits."""
 
-  NUM_CLASSES = 51
-  DESCRIPTION = __doc__
-  HOMEPAGE = "https://serre-lab.clps.brown.edu/resource/hmdb-a-large-human-motion-database/"
-  BUILDER_CONFIGS = [VideoConfig(name=f"split{i}", split_index=i,
-                                 description=f"Official split {i} (id 1 train, 2 test).")
-                     for i in range(1, 4)]
-  MANUAL_DOWNLOAD_INSTRUCTIONS = f"""\
+    NUM_CLASSES = 51
+    DESCRIPTION = __doc__
+    HOMEPAGE = "https://serre-lab.clps.brown.edu/resource/hmdb-a-large-human-motion-database/"
+    BUILDER_CONFIGS = [
+        VideoConfig(
+            name=f"split{i}", split_index=i, description=f"Official split {i} (id 1 train, 2 test)."
+        )
+        for i in range(1, 4)
+    ]
+    MANUAL_DOWNLOAD_INSTRUCTIONS = f"""\
 Download hmdb51_org.rar and test_train_splits.rar from {HOMEPAGE}. Unpack
 hmdb51_org.rar, then each <class>.rar inside it, into <manual_dir>/{HMDB_VIDEOS}/, and the
 split files into <manual_dir>/{HMDB_SPLITS}/, so that these exist:
@@ -392,46 +466,52 @@ split files into <manual_dir>/{HMDB_SPLITS}/, so that these exist:
 (The class folders may also sit directly in <manual_dir>.)
 Then build:  python -m fva_jax.data.build --name=hmdb51 --config=split1 --manual_dir=<manual_dir>"""
 
-  def _split_generators(self, dl_manager):
-    root = self._root(dl_manager)
-    splits = self._require(root / HMDB_SPLITS, "the unpacked split files")
-    videos = root / HMDB_VIDEOS if (root / HMDB_VIDEOS).is_dir() else root
-    i = self.builder_config.split_index
-    suffix = f"_test_split{i}.txt"
-    # Classes in alphabetical order of their names (not of the file names, where
-    # "climb_stairs_test..." would sort before "climb_test...").
-    by_name = {f.name[:-len(suffix)]: f for f in splits.glob(f"*{suffix}")}
-    names = sorted(by_name)
-    files = [by_name[n] for n in names]
-    self._set_class_names(names, splits)
-    train, test = [], []
-    for label, (name, f) in enumerate(zip(names, files)):
-      for n, line in enumerate(f.read_text().split("\n"), 1):
-        parts = line.split()
-        if not parts:
-          continue
-        if len(parts) != 2 or parts[1] not in ("0", "1", "2"):
-          raise ValueError(f"{f}:{n}: expected '<video>.avi <0|1|2>', got {line!r}")
-        if parts[1] == "0":
-          continue
-        item = (self._require(videos / name, f"class folder {name}") / parts[0], label,
-                f"{name}/{parts[0]}")
-        (train if parts[1] == "1" else test).append(item)
-    return {"train": self._generate_examples("train", train), "test": self._generate_examples("test", test)}
+    def _split_generators(self, dl_manager):
+        root = self._root(dl_manager)
+        splits = self._require(root / HMDB_SPLITS, "the unpacked split files")
+        videos = root / HMDB_VIDEOS if (root / HMDB_VIDEOS).is_dir() else root
+        i = self.builder_config.split_index
+        suffix = f"_test_split{i}.txt"
+        # Classes in alphabetical order of their names (not of the file names, where
+        # "climb_stairs_test..." would sort before "climb_test...").
+        by_name = {f.name[: -len(suffix)]: f for f in splits.glob(f"*{suffix}")}
+        names = sorted(by_name)
+        files = [by_name[n] for n in names]
+        self._set_class_names(names, splits)
+        train, test = [], []
+        for label, (name, f) in enumerate(zip(names, files)):
+            for n, line in enumerate(f.read_text().split("\n"), 1):
+                parts = line.split()
+                if not parts:
+                    continue
+                if len(parts) != 2 or parts[1] not in ("0", "1", "2"):
+                    raise ValueError(f"{f}:{n}: expected '<video>.avi <0|1|2>', got {line!r}")
+                if parts[1] == "0":
+                    continue
+                item = (
+                    self._require(videos / name, f"class folder {name}") / parts[0],
+                    label,
+                    f"{name}/{parts[0]}",
+                )
+                (train if parts[1] == "1" else test).append(item)
+        return {
+            "train": self._generate_examples("train", train),
+            "test": self._generate_examples("test", test),
+        }
 
 
 # --------------------------------------------------------------------------- something-something
 
 
 class SomethingSomethingV1(_VideoBuilder):
-  """Something-Something V1 (Goyal et al., ICCV 2017): 174 classes, JPEG frame folders."""
+    """Something-Something V1 (Goyal et al., ICCV 2017): 174 classes, JPEG frame folders."""
 
-  NUM_CLASSES = 174
-  DESCRIPTION = __doc__
-  HOMEPAGE = "https://20bn.com/datasets/something-something/v1 (now via Qualcomm)"
-  BUILDER_CONFIGS = [VideoConfig(name="default")]
-  PREFIX = "something-something-v1"
-  MANUAL_DOWNLOAD_INSTRUCTIONS = f"""\
+    NUM_CLASSES = 174
+    DESCRIPTION = __doc__
+    HOMEPAGE = "https://20bn.com/datasets/something-something/v1 (now via Qualcomm)"
+    BUILDER_CONFIGS = [VideoConfig(name="default")]
+    PREFIX = "something-something-v1"
+    MANUAL_DOWNLOAD_INSTRUCTIONS = f"""\
 Download Something-Something V1 (20bn-something-something-v1 frame archives and the
 label CSVs; the data set is now distributed by Qualcomm: {HOMEPAGE}), join and
 unpack the archives into manual_dir, so that these exist:
@@ -440,39 +520,43 @@ unpack the archives into manual_dir, so that these exist:
 The test split has no labels and is not built.
 Then build:  python -m fva_jax.data.build --name=something_something_v1 --manual_dir=<manual_dir>"""
 
-  def _split_generators(self, dl_manager):
-    root = self._root(dl_manager)
-    frames = self._require(root / "20bn-something-something-v1", "the frame folders")
-    labels_file = self._require(root / f"{self.PREFIX}-labels.csv", "the labels CSV")
-    names = [l.strip() for l in labels_file.read_text().split("\n") if l.strip()]
-    self._set_class_names(names, labels_file)
-    index = {n: i for i, n in enumerate(names)}
+    def _split_generators(self, dl_manager):
+        root = self._root(dl_manager)
+        frames = self._require(root / "20bn-something-something-v1", "the frame folders")
+        labels_file = self._require(root / f"{self.PREFIX}-labels.csv", "the labels CSV")
+        names = [s.strip() for s in labels_file.read_text().split("\n") if s.strip()]
+        self._set_class_names(names, labels_file)
+        index = {n: i for i, n in enumerate(names)}
 
-    def read(split):
-      f = self._require(root / f"{self.PREFIX}-{split}.csv", f"the {split} CSV")
-      items = []
-      for n, line in enumerate(f.read_text().split("\n"), 1):
-        if not line.strip():
-          continue
-        vid, sep, name = line.strip().partition(";")
-        if not sep or name not in index:
-          raise ValueError(f"{f}:{n}: expected '<id>;<class in {labels_file.name}>', got {line!r}")
-        items.append((frames / vid, index[name], vid))
-      return items
+        def read(split):
+            f = self._require(root / f"{self.PREFIX}-{split}.csv", f"the {split} CSV")
+            items = []
+            for n, line in enumerate(f.read_text().split("\n"), 1):
+                if not line.strip():
+                    continue
+                vid, sep, name = line.strip().partition(";")
+                if not sep or name not in index:
+                    raise ValueError(
+                        f"{f}:{n}: expected '<id>;<class in {labels_file.name}>', got {line!r}"
+                    )
+                items.append((frames / vid, index[name], vid))
+            return items
 
-    return {"train": self._generate_examples("train", read("train")),
-            "validation": self._generate_examples("validation", read("validation"))}
+        return {
+            "train": self._generate_examples("train", read("train")),
+            "validation": self._generate_examples("validation", read("validation")),
+        }
 
 
 class SomethingSomethingV2(_VideoBuilder):
-  """Something-Something V2 (Goyal et al., ICCV 2017): 174 classes, webm videos."""
+    """Something-Something V2 (Goyal et al., ICCV 2017): 174 classes, webm videos."""
 
-  NUM_CLASSES = 174
-  DESCRIPTION = __doc__
-  HOMEPAGE = "https://developer.qualcomm.com/software/ai-datasets/something-something"
-  BUILDER_CONFIGS = [VideoConfig(name="default")]
-  PREFIX = "something-something-v2"
-  MANUAL_DOWNLOAD_INSTRUCTIONS = f"""\
+    NUM_CLASSES = 174
+    DESCRIPTION = __doc__
+    HOMEPAGE = "https://developer.qualcomm.com/software/ai-datasets/something-something"
+    BUILDER_CONFIGS = [VideoConfig(name="default")]
+    PREFIX = "something-something-v2"
+    MANUAL_DOWNLOAD_INSTRUCTIONS = f"""\
 Download Something-Something V2 (20bn-something-something-v2-00..19 archives and the
 labels zip) from {HOMEPAGE}, join and unpack them into manual_dir, so that these exist:
   <manual_dir>/20bn-something-something-v2/<id>.webm
@@ -480,30 +564,34 @@ labels zip) from {HOMEPAGE}, join and unpack them into manual_dir, so that these
 The test split has no labels and is not built.
 Then build:  python -m fva_jax.data.build --name=something_something_v2 --manual_dir=<manual_dir>"""
 
-  def _split_generators(self, dl_manager):
-    root = self._root(dl_manager)
-    videos = self._require(root / "20bn-something-something-v2", "the webm folder")
-    labels_file = self._require(root / f"{self.PREFIX}-labels.json", "the labels JSON")
-    mapping = json.loads(labels_file.read_text())
-    names = [n for n, _ in sorted(mapping.items(), key=lambda kv: int(kv[1]))]
-    if sorted(int(v) for v in mapping.values()) != list(range(len(mapping))):
-      raise ValueError(f"{labels_file}: indices must be 0..{len(mapping) - 1}")
-    self._set_class_names(names, labels_file)
-    index = {n: i for i, n in enumerate(names)}
+    def _split_generators(self, dl_manager):
+        root = self._root(dl_manager)
+        videos = self._require(root / "20bn-something-something-v2", "the webm folder")
+        labels_file = self._require(root / f"{self.PREFIX}-labels.json", "the labels JSON")
+        mapping = json.loads(labels_file.read_text())
+        names = [n for n, _ in sorted(mapping.items(), key=lambda kv: int(kv[1]))]
+        if sorted(int(v) for v in mapping.values()) != list(range(len(mapping))):
+            raise ValueError(f"{labels_file}: indices must be 0..{len(mapping) - 1}")
+        self._set_class_names(names, labels_file)
+        index = {n: i for i, n in enumerate(names)}
 
-    def read(split):
-      f = self._require(root / f"{self.PREFIX}-{split}.json", f"the {split} JSON")
-      items = []
-      for n, entry in enumerate(json.loads(f.read_text())):
-        name = entry["template"].replace("[", "").replace("]", "")
-        if name not in index:
-          raise ValueError(f"{f}: entry {n} (id {entry['id']}): template {name!r} "
-                           f"not in {labels_file.name}")
-        items.append((videos / f"{entry['id']}.webm", index[name], f"{entry['id']}.webm"))
-      return items
+        def read(split):
+            f = self._require(root / f"{self.PREFIX}-{split}.json", f"the {split} JSON")
+            items = []
+            for n, entry in enumerate(json.loads(f.read_text())):
+                name = entry["template"].replace("[", "").replace("]", "")
+                if name not in index:
+                    raise ValueError(
+                        f"{f}: entry {n} (id {entry['id']}): template {name!r} "
+                        f"not in {labels_file.name}"
+                    )
+                items.append((videos / f"{entry['id']}.webm", index[name], f"{entry['id']}.webm"))
+            return items
 
-    return {"train": self._generate_examples("train", read("train")),
-            "validation": self._generate_examples("validation", read("validation"))}
+        return {
+            "train": self._generate_examples("train", read("train")),
+            "validation": self._generate_examples("validation", read("validation")),
+        }
 
 
 # --------------------------------------------------------------------------- lookup
@@ -519,29 +607,36 @@ BUILDERS: dict[str, type] = {
 
 
 def get_builder_class(name: str) -> type:
-  if name not in BUILDERS:
-    raise ValueError(f"unknown data set {name!r}; known: {', '.join(BUILDERS)}")
-  return BUILDERS[name]
+    if name not in BUILDERS:
+        raise ValueError(f"unknown data set {name!r}; known: {', '.join(BUILDERS)}")
+    return BUILDERS[name]
 
 
-def get_builder(name: str, builder_config: str = "", data_dir: str = "", *,
-                skip_corrupt: bool = False, num_workers: int | None = None
-                ) -> tfds.core.DatasetBuilder:
-  """The builder `name` with config `builder_config` ("" = the first) in `data_dir`."""
-  cls = get_builder_class(name)
-  configs = [c.name for c in cls.BUILDER_CONFIGS]
-  config = builder_config or configs[0]
-  if config not in configs:
-    raise ValueError(f"{name} has no builder config {builder_config!r}; "
-                     f"choose from {', '.join(configs)}")
-  return cls(config=config, data_dir=data_dir or None, skip_corrupt=skip_corrupt,
-             num_workers=num_workers)
+def get_builder(
+    name: str,
+    builder_config: str = "",
+    data_dir: str = "",
+    *,
+    skip_corrupt: bool = False,
+    num_workers: int | None = None,
+) -> tfds.core.DatasetBuilder:
+    """The builder `name` with config `builder_config` ("" = the first) in `data_dir`."""
+    cls = get_builder_class(name)
+    configs = [c.name for c in cls.BUILDER_CONFIGS]
+    config = builder_config or configs[0]
+    if config not in configs:
+        raise ValueError(
+            f"{name} has no builder config {builder_config!r}; choose from {', '.join(configs)}"
+        )
+    return cls(
+        config=config, data_dir=data_dir or None, skip_corrupt=skip_corrupt, num_workers=num_workers
+    )
 
 
 def prepare(builder, manual_dir: str = "") -> None:
-  """Builds `builder` if its data_dir does not hold it yet (reads manual_dir)."""
-  if builder.is_prepared():
-    return
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir or None))
-
+    """Builds `builder` if its data_dir does not hold it yet (reads manual_dir)."""
+    if builder.is_prepared():
+        return
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir or None)
+    )

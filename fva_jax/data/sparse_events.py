@@ -37,132 +37,137 @@ MAX_CLASSES = len(EVENTS)
 
 @dataclasses.dataclass(frozen=True)
 class SparseEventsSpec:
-  """Parameters of the generated set.
+    """Parameters of the generated set.
 
-  Attributes:
-    num_classes: number of event classes (<= MAX_CLASSES), the first of EVENTS.
-    num_train, num_test: videos per split.
-    min_frames, max_frames: video length range (inclusive), uniform.
-    size: frame height = width in pixels (even).
-    event_frames: number of consecutive frames showing the event.
-    seed: base seed; each video has its own stream derived from (seed, split, index).
-  """
-  num_classes: int = 6
-  num_train: int = 1000
-  num_test: int = 250
-  min_frames: int = 48
-  max_frames: int = 256
-  size: int = 64
-  event_frames: int = 4
-  seed: int = 0
+    Attributes:
+      num_classes: number of event classes (<= MAX_CLASSES), the first of EVENTS.
+      num_train, num_test: videos per split.
+      min_frames, max_frames: video length range (inclusive), uniform.
+      size: frame height = width in pixels (even).
+      event_frames: number of consecutive frames showing the event.
+      seed: base seed; each video has its own stream derived from (seed, split, index).
+    """
 
-  def __post_init__(self):
-    if not 2 <= self.num_classes <= MAX_CLASSES:
-      raise ValueError(f"num_classes must be in [2, {MAX_CLASSES}], got {self.num_classes}")
-    if not self.event_frames <= self.min_frames <= self.max_frames:
-      raise ValueError("need event_frames <= min_frames <= max_frames, got "
-                       f"{self.event_frames}, {self.min_frames}, {self.max_frames}")
-    if self.size < 16 or self.size % 2:
-      raise ValueError(f"size must be even and >= 16, got {self.size}")
+    num_classes: int = 6
+    num_train: int = 1000
+    num_test: int = 250
+    min_frames: int = 48
+    max_frames: int = 256
+    size: int = 64
+    event_frames: int = 4
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 2 <= self.num_classes <= MAX_CLASSES:
+            raise ValueError(f"num_classes must be in [2, {MAX_CLASSES}], got {self.num_classes}")
+        if not self.event_frames <= self.min_frames <= self.max_frames:
+            raise ValueError(
+                "need event_frames <= min_frames <= max_frames, got "
+                f"{self.event_frames}, {self.min_frames}, {self.max_frames}"
+            )
+        if self.size < 16 or self.size % 2:
+            raise ValueError(f"size must be even and >= 16, got {self.size}")
 
 
 def class_names(num_classes: int) -> list[str]:
-  return [e[0] for e in EVENTS[:num_classes]]
+    return [e[0] for e in EVENTS[:num_classes]]
 
 
 def _rng(spec: SparseEventsSpec, split: str, index: int) -> np.random.Generator:
-  # crc32 (not hash()) so the stream is the same in every Python process.
-  return np.random.default_rng([spec.seed, zlib.crc32(split.encode()), index])
+    # crc32 (not hash()) so the stream is the same in every Python process.
+    return np.random.default_rng([spec.seed, zlib.crc32(split.encode()), index])
 
 
 def _texture(rng, n: int) -> np.ndarray:
-  """Periodic smooth greyscale texture (n, n) float in [50, 200] (low-pass noise)."""
-  noise = rng.standard_normal((n, n))
-  fy = np.fft.fftfreq(n)[:, None]
-  fx = np.fft.fftfreq(n)[None, :]
-  # Mix of coarse blobs and finer grain so motion changes many activations a bit.
-  spectrum = np.exp(-(fx**2 + fy**2) / (2 * 0.05**2)) + 0.15 * np.exp(
-      -(fx**2 + fy**2) / (2 * 0.12**2))
-  tex = np.real(np.fft.ifft2(np.fft.fft2(noise) * spectrum))
-  tex = (tex - tex.mean()) / (tex.std() + 1e-8)
-  return np.clip(125 + 35 * tex, 50, 200)
+    """Periodic smooth greyscale texture (n, n) float in [50, 200] (low-pass noise)."""
+    noise = rng.standard_normal((n, n))
+    fy = np.fft.fftfreq(n)[:, None]
+    fx = np.fft.fftfreq(n)[None, :]
+    # Mix of coarse blobs and finer grain so motion changes many activations a bit.
+    spectrum = np.exp(-(fx**2 + fy**2) / (2 * 0.05**2)) + 0.15 * np.exp(
+        -(fx**2 + fy**2) / (2 * 0.12**2)
+    )
+    tex = np.real(np.fft.ifft2(np.fft.fft2(noise) * spectrum))
+    tex = (tex - tex.mean()) / (tex.std() + 1e-8)
+    return np.clip(125 + 35 * tex, 50, 200)
 
 
 def _shifted(tex, oy, ox, s):
-  """Windows (T, s, s) float32 of the periodic texture at sub-pixel offsets oy, ox (T,)."""
-  n = tex.shape[0]
-  tiled = np.tile(tex.astype(np.float32), (2, 2))  # windows never wrap: offsets mod n
-  out = np.empty((len(oy), s, s), np.float32)
-  for i, (y, x) in enumerate(zip(oy, ox)):
-    fy, fx = int(np.floor(y)), int(np.floor(x))
-    wy, wx = np.float32(y - fy), np.float32(x - fx)
-    w = tiled[fy % n:fy % n + s + 1, fx % n:fx % n + s + 1]
-    top = (1 - wx) * w[:-1, :-1] + wx * w[:-1, 1:]
-    bottom = (1 - wx) * w[1:, :-1] + wx * w[1:, 1:]
-    out[i] = (1 - wy) * top + wy * bottom
-  return out
+    """Windows (T, s, s) float32 of the periodic texture at sub-pixel offsets oy, ox (T,)."""
+    n = tex.shape[0]
+    tiled = np.tile(tex.astype(np.float32), (2, 2))  # windows never wrap: offsets mod n
+    out = np.empty((len(oy), s, s), np.float32)
+    for i, (y, x) in enumerate(zip(oy, ox)):
+        fy, fx = int(np.floor(y)), int(np.floor(x))
+        wy, wx = np.float32(y - fy), np.float32(x - fx)
+        w = tiled[fy % n : fy % n + s + 1, fx % n : fx % n + s + 1]
+        top = (1 - wx) * w[:-1, :-1] + wx * w[:-1, 1:]
+        bottom = (1 - wx) * w[1:, :-1] + wx * w[1:, 1:]
+        out[i] = (1 - wy) * top + wy * bottom
+    return out
 
 
 def _shape_mask(kind: str, n: int) -> np.ndarray:
-  """Boolean (n, n) mask of an event shape filling most of an n x n box."""
-  y, x = np.mgrid[0:n, 0:n].astype(np.float32)
-  c = (n - 1) / 2
-  dy, dx = y - c, x - c
-  r = n / 2
-  if kind == "square":
-    return (np.abs(dy) < 0.8 * r) & (np.abs(dx) < 0.8 * r)
-  if kind == "disc":
-    return dy**2 + dx**2 < (0.9 * r)**2
-  if kind == "triangle":
-    return (y >= 0.1 * n) & (y <= 0.9 * n) & (np.abs(dx) <= (y - 0.1 * n) * 0.6)
-  if kind == "cross":
-    return ((np.abs(dy) < 0.25 * r) | (np.abs(dx) < 0.25 * r)) & (np.maximum(
-        np.abs(dy), np.abs(dx)) < 0.95 * r)
-  if kind == "ring":
-    d2 = dy**2 + dx**2
-    return (d2 < (0.95 * r)**2) & (d2 > (0.55 * r)**2)
-  if kind == "bars":
-    return ((y // max(1, n // 6)) % 2 == 0) & (np.abs(dx) < 0.9 * r)
-  if kind == "diamond":
-    return np.abs(dy) + np.abs(dx) < 0.95 * r
-  if kind == "checker":
-    k = max(1, n // 4)
-    return ((y // k + x // k) % 2 == 0)
-  raise ValueError(kind)
+    """Boolean (n, n) mask of an event shape filling most of an n x n box."""
+    y, x = np.mgrid[0:n, 0:n].astype(np.float32)
+    c = (n - 1) / 2
+    dy, dx = y - c, x - c
+    r = n / 2
+    if kind == "square":
+        return (np.abs(dy) < 0.8 * r) & (np.abs(dx) < 0.8 * r)
+    if kind == "disc":
+        return dy**2 + dx**2 < (0.9 * r) ** 2
+    if kind == "triangle":
+        return (y >= 0.1 * n) & (y <= 0.9 * n) & (np.abs(dx) <= (y - 0.1 * n) * 0.6)
+    if kind == "cross":
+        return ((np.abs(dy) < 0.25 * r) | (np.abs(dx) < 0.25 * r)) & (
+            np.maximum(np.abs(dy), np.abs(dx)) < 0.95 * r
+        )
+    if kind == "ring":
+        d2 = dy**2 + dx**2
+        return (d2 < (0.95 * r) ** 2) & (d2 > (0.55 * r) ** 2)
+    if kind == "bars":
+        return ((y // max(1, n // 6)) % 2 == 0) & (np.abs(dx) < 0.9 * r)
+    if kind == "diamond":
+        return np.abs(dy) + np.abs(dx) < 0.95 * r
+    if kind == "checker":
+        k = max(1, n // 4)
+        return (y // k + x // k) % 2 == 0
+    raise ValueError(kind)
 
 
 def make_video(spec: SparseEventsSpec, split: str, index: int) -> dict:
-  """One video of the set.
+    """One video of the set.
 
-  Returns:
-    dict with video uint8 (T, size, size, 3), label int, event_start int (first event
-    frame), num_frames int.
-  """
-  rng = _rng(spec, split, index)
-  t = int(rng.integers(spec.min_frames, spec.max_frames + 1))
-  label = int(rng.integers(spec.num_classes))
-  start = int(rng.integers(0, t - spec.event_frames + 1))
-  s = spec.size
+    Returns:
+      dict with video uint8 (T, size, size, 3), label int, event_start int (first event
+      frame), num_frames int.
+    """
+    rng = _rng(spec, split, index)
+    t = int(rng.integers(spec.min_frames, spec.max_frames + 1))
+    label = int(rng.integers(spec.num_classes))
+    start = int(rng.integers(0, t - spec.event_frames + 1))
+    s = spec.size
 
-  tex = _texture(rng, 2 * s)
-  speed = rng.uniform(0.3, 1.0)  # pixels per frame
-  angle = rng.uniform(0, 2 * np.pi)
-  vy, vx = speed * np.sin(angle), speed * np.cos(angle)
-  oy0, ox0 = rng.integers(0, 2 * s, size=2)
-  tint = rng.uniform(0.9, 1.1, size=3)  # slight, class-independent colour cast
+    tex = _texture(rng, 2 * s)
+    speed = rng.uniform(0.3, 1.0)  # pixels per frame
+    angle = rng.uniform(0, 2 * np.pi)
+    vy, vx = speed * np.sin(angle), speed * np.cos(angle)
+    oy0, ox0 = rng.integers(0, 2 * s, size=2)
+    tint = rng.uniform(0.9, 1.1, size=3)  # slight, class-independent colour cast
 
-  # Sub-pixel drift with bilinear sampling of the periodic texture, so consecutive
-  # frames change smoothly and the event onset stands out from the motion.
-  grey = _shifted(tex, oy0 + vy * np.arange(t), ox0 + vx * np.arange(t), s)  # (T, s, s)
-  grey += rng.standard_normal(grey.shape, dtype=np.float32) * 2
-  video = grey[..., None] * tint.astype(np.float32)
+    # Sub-pixel drift with bilinear sampling of the periodic texture, so consecutive
+    # frames change smoothly and the event onset stands out from the motion.
+    grey = _shifted(tex, oy0 + vy * np.arange(t), ox0 + vx * np.arange(t), s)  # (T, s, s)
+    grey += rng.standard_normal(grey.shape, dtype=np.float32) * 2
+    video = grey[..., None] * tint.astype(np.float32)
 
-  name, colour, kind = EVENTS[label]
-  del name
-  box = int(rng.integers(int(0.4 * s), int(0.6 * s) + 1))
-  py, px = rng.integers(0, s - box + 1, size=2)
-  mask = _shape_mask(kind, box)
-  region = video[start:start + spec.event_frames, py:py + box, px:px + box]
-  region[:, mask] = np.asarray(colour, np.float32)
-  video = np.clip(np.round(video), 0, 255).astype(np.uint8)
-  return dict(video=video, label=label, event_start=start, num_frames=t)
+    name, colour, kind = EVENTS[label]
+    del name
+    box = int(rng.integers(int(0.4 * s), int(0.6 * s) + 1))
+    py, px = rng.integers(0, s - box + 1, size=2)
+    mask = _shape_mask(kind, box)
+    region = video[start : start + spec.event_frames, py : py + box, px : px + box]
+    region[:, mask] = np.asarray(colour, np.float32)
+    video = np.clip(np.round(video), 0, 255).astype(np.uint8)
+    return dict(video=video, label=label, event_start=start, num_frames=t)

@@ -59,7 +59,9 @@ def _check_inputs(videos, mask) -> None:
     if videos.ndim != 5 or videos.shape[-1] != 3:
         raise ValueError(f"videos must be (B, T, H, W, 3) uint8 RGB, got shape {videos.shape}")
     if mask.shape != videos.shape[:2]:
-        raise ValueError(f"mask must be (B, T) = {videos.shape[:2]} matching videos, got {mask.shape}")
+        raise ValueError(
+            f"mask must be (B, T) = {videos.shape[:2]} matching videos, got {mask.shape}"
+        )
 
 
 def _masked_mean(values, weights):
@@ -89,14 +91,22 @@ class FullVideoModel(nn.Module):
         if self.sampling not in SAMPLINGS:
             raise ValueError(f"sampling={self.sampling!r}; use one of {SAMPLINGS}")
         if self.cluster_method not in clustering.METHODS:
-            raise ValueError(f"cluster_method={self.cluster_method!r}; use one of {clustering.METHODS}")
+            raise ValueError(
+                f"cluster_method={self.cluster_method!r}; use one of {clustering.METHODS}"
+            )
         for name in ("num_clusters", "window", "chunk_size", "dense_stride"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         self.stem = self._make_stem()
         self.trunk = ResNetTrunk(
-            self.num_classes, depth_of(self.backbone), self.width, self.cluster_point,
-            self.temporal_shift, self.dropout_rate, self.dtype, jnp.float32,
+            self.num_classes,
+            depth_of(self.backbone),
+            self.width,
+            self.cluster_point,
+            self.temporal_shift,
+            self.dropout_rate,
+            self.dtype,
+            jnp.float32,
         )
 
     def _make_stem(self) -> nn.Module:
@@ -106,7 +116,8 @@ class FullVideoModel(nn.Module):
     # ------------------------------------------------------------------ entry points
 
     def __call__(self, videos, mask, *, train: bool):
-        """videos (B, T, H, W, 3) uint8, mask (B, T) bool -> (logits (B, C) f32, segment_ids (B, T) i32)."""
+        """videos (B, T, H, W, 3) uint8, mask (B, T) bool -> (logits (B, C) f32,
+        segment_ids (B, T) i32)."""
         _check_inputs(videos, mask)
         mask = mask.astype(bool)
         if self.sampling == "cluster":
@@ -119,11 +130,18 @@ class FullVideoModel(nn.Module):
         mask = mask.astype(bool)
         b, t = mask.shape
         k = self.num_clusters
-        feats = self.stem(normalize_images(videos.reshape((b * t,) + videos.shape[2:]), self.dtype),
-                          use_running_average=True)
+        feats = self.stem(
+            normalize_images(videos.reshape((b * t,) + videos.shape[2:]), self.dtype),
+            use_running_average=True,
+        )
         feats = feats.reshape((b, t) + feats.shape[1:])
-        seg = clustering.cluster(jax.lax.stop_gradient(feats).reshape(b, t, -1), k,
-                                 self.cluster_method, self.window, mask)
+        seg = clustering.cluster(
+            jax.lax.stop_gradient(feats).reshape(b, t, -1),
+            k,
+            self.cluster_method,
+            self.window,
+            mask,
+        )
         means, counts = clustering.aggregate(feats, seg, k, mask)
         return self._head(means.astype(self.dtype), counts > 0, train), seg
 
@@ -136,8 +154,10 @@ class FullVideoModel(nn.Module):
         _check_inputs(videos, mask)
         mask = mask.astype(bool)
         b, t = mask.shape
-        feats = self.stem(normalize_images(videos.reshape((b * t,) + videos.shape[2:]), self.dtype),
-                          use_running_average=True)
+        feats = self.stem(
+            normalize_images(videos.reshape((b * t,) + videos.shape[2:]), self.dtype),
+            use_running_average=True,
+        )
         logits = self._head(feats.reshape((b, t) + feats.shape[1:]), mask, train)
         return logits, jnp.where(mask, jnp.arange(t, dtype=jnp.int32), t)
 
@@ -172,7 +192,9 @@ class FullVideoModel(nn.Module):
         c = min(self.chunk_size, t)
         n_chunks = -(-t // c)
         stem_fn, variables = self._stem_function(videos.shape[2:])
-        feat_shape = jax.eval_shape(stem_fn, variables, videos[:, :1].reshape((b,) + videos.shape[2:])).shape[1:]
+        feat_shape = jax.eval_shape(
+            stem_fn, variables, videos[:, :1].reshape((b,) + videos.shape[2:])
+        ).shape[1:]
         num_features = int(feat_shape[0] * feat_shape[1] * feat_shape[2])
 
         def load(i, vs):
@@ -209,8 +231,14 @@ class FullVideoModel(nn.Module):
         (last_bits, last_valid), ds = jax.lax.scan(pass1, init, jnp.arange(n_chunks))
         d_tail = clustering.hamming_distances(last_bits, w, last_valid, num_features=num_features)
         # ds covers frames [-w, n*c - w), d_tail [n*c - w, n*c): drop the w leading dummies.
-        d = jnp.concatenate([jnp.moveaxis(ds, 0, 1).reshape(b, n_chunks * c), d_tail], axis=1)[:, w : w + t]
-        segment = clustering.cumulative_segments if self.cluster_method == "cumulative" else clustering.slope_segments
+        d = jnp.concatenate([jnp.moveaxis(ds, 0, 1).reshape(b, n_chunks * c), d_tail], axis=1)[
+            :, w : w + t
+        ]
+        segment = (
+            clustering.cumulative_segments
+            if self.cluster_method == "cumulative"
+            else clustering.slope_segments
+        )
         seg = segment(d, k, mask)  # (B, T); padding has id K
 
         # ---- pass 2: per-segment sums, one rematerialised chunk at a time.
@@ -244,19 +272,26 @@ class FullVideoModel(nn.Module):
         length = jnp.sum(mask, axis=1).astype(jnp.int32)  # valid frames (a prefix of each row)
         u = None
         if train:
-            u = jax.random.uniform(self.make_rng("sampling"), (b, k if self.sampling == "uniform" else 1))
+            u = jax.random.uniform(
+                self.make_rng("sampling"), (b, k if self.sampling == "uniform" else 1)
+            )
         if self.sampling == "uniform":
             idx = uniform_indices(length, k, u)
             lo = jnp.arange(k)[None] * length[:, None] // k  # TSN segment starts
-            seg = jnp.sum((lo[:, None, :] <= jnp.arange(t)[None, :, None]).astype(jnp.int32), axis=-1) - 1
+            seg = (
+                jnp.sum((lo[:, None, :] <= jnp.arange(t)[None, :, None]).astype(jnp.int32), axis=-1)
+                - 1
+            )
         else:
             idx = dense_indices(length, k, self.dense_stride, u)
             hit = idx[:, None, :] == jnp.arange(t)[None, :, None]  # (B, T, K)
             seg = jnp.where(jnp.any(hit, -1), jnp.max(jnp.where(hit, jnp.arange(k), -1), -1), k)
         seg = jnp.where(mask, seg, k).astype(jnp.int32)
         frames = jnp.take_along_axis(videos, idx[:, :, None, None, None], axis=1)  # (B, K, H, W, 3)
-        x = self.stem(normalize_images(frames.reshape((b * k,) + videos.shape[2:]), self.dtype),
-                      use_running_average=not train)
+        x = self.stem(
+            normalize_images(frames.reshape((b * k,) + videos.shape[2:]), self.dtype),
+            use_running_average=not train,
+        )
         x = x.reshape((b, k) + x.shape[1:])
         return self._head(x, jnp.ones((b, k), bool), train), seg
 

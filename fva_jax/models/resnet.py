@@ -19,14 +19,14 @@ the first path component and replacing ``_`` by ``.`` gives the torchvision key 
 stages sit under ``stem`` depends on the cluster point; the names below it do not):
 
   flax path (params / batch_stats)         torchvision key                  conversion
-  stem/conv1/kernel                        conv1.weight                     OIHW -> HWIO: w.transpose(2, 3, 1, 0)
+  stem/conv1/kernel                        conv1.weight                     OIHW -> HWIO
   stem/bn1/scale, stem/bn1/bias            bn1.weight, bn1.bias             as is
   batch_stats: stem/bn1/mean, .../var      bn1.running_mean, .running_var   as is
   {stem|trunk}/layerS_B/convN/kernel       layerS.B.convN.weight            OIHW -> HWIO
   {stem|trunk}/layerS_B/bnN/...            layerS.B.bnN.*                   as bn1 above
   .../layerS_B/downsample_0/kernel         layerS.B.downsample.0.weight     OIHW -> HWIO (1x1 conv)
   .../layerS_B/downsample_1/...            layerS.B.downsample.1.*          as bn1 above
-  trunk/fc/kernel, trunk/fc/bias           fc.weight, fc.bias               kernel = fc.weight.T; bias as is
+  trunk/fc/kernel, trunk/fc/bias           fc.weight, fc.bias               kernel = fc.weight.T
 
 ``bnN.num_batches_tracked`` has no counterpart (dropped). Convolutions have no bias, as in
 torchvision. Padding is explicit (3 for conv1, 1 for 3x3 convs and the max-pool) so outputs
@@ -54,7 +54,7 @@ _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
 def depth_of(backbone: str) -> int:
-    """"resnet18" -> 18, "resnet50" -> 50; clear error otherwise."""
+    """ "resnet18" -> 18, "resnet50" -> 50; clear error otherwise."""
     depths = {f"resnet{d}": d for d in _ARCHS}
     if backbone not in depths:
         raise ValueError(f"backbone={backbone!r} is not supported; use one of {sorted(depths)}")
@@ -68,7 +68,9 @@ def normalize_images(images: jnp.ndarray, dtype: Any = jnp.float32) -> jnp.ndarr
     return x.astype(dtype)
 
 
-def temporal_shift(x: jnp.ndarray, num_segments: int | None = None, fold_div: int = 8) -> jnp.ndarray:
+def temporal_shift(
+    x: jnp.ndarray, num_segments: int | None = None, fold_div: int = 8
+) -> jnp.ndarray:
     """TSM shift along time: x (B, K, h, w, c), or (B*K, h, w, c) with ``num_segments=K``.
 
     As in TSM's ``TemporalShift.shift``: channels [0, c/8) of step t take the values of step
@@ -80,10 +82,14 @@ def temporal_shift(x: jnp.ndarray, num_segments: int | None = None, fold_div: in
         if num_segments is None:
             raise ValueError("temporal_shift on (B*K, h, w, c) input needs num_segments=K")
         if x.shape[0] % num_segments:
-            raise ValueError(f"leading dim {x.shape[0]} is not a multiple of num_segments={num_segments}")
+            raise ValueError(
+                f"leading dim {x.shape[0]} is not a multiple of num_segments={num_segments}"
+            )
         x = x.reshape((-1, num_segments) + x.shape[1:])
     if x.ndim != 5:
-        raise ValueError(f"temporal_shift expects (B, K, h, w, c) or (B*K, h, w, c), got shape {x.shape}")
+        raise ValueError(
+            f"temporal_shift expects (B, K, h, w, c) or (B*K, h, w, c), got shape {x.shape}"
+        )
     fold = x.shape[-1] // fold_div
     zeros = jnp.zeros_like(x[:, :1, ..., :fold])
     back = jnp.concatenate([x[:, 1:, ..., :fold], zeros], axis=1)
@@ -106,7 +112,11 @@ class _Block(nn.Module):
     @nn.compact
     def __call__(self, x, *, use_running_average: bool, bn_mask=None):
         conv = functools.partial(
-            nn.Conv, use_bias=False, kernel_init=_conv_init, dtype=self.dtype, param_dtype=self.param_dtype
+            nn.Conv,
+            use_bias=False,
+            kernel_init=_conv_init,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
         )
         bn = functools.partial(
             nn.BatchNorm,
@@ -119,13 +129,19 @@ class _Block(nn.Module):
         y = temporal_shift(x, self.shift_segments) if self.shift_segments else x
         if self.bottleneck:
             y = nn.relu(bn(name="bn1")(conv(self.planes, (1, 1), name="conv1")(y), mask=bn_mask))
-            y = conv(self.planes, (3, 3), (self.stride,) * 2, padding=((1, 1), (1, 1)), name="conv2")(y)
+            y = conv(
+                self.planes, (3, 3), (self.stride,) * 2, padding=((1, 1), (1, 1)), name="conv2"
+            )(y)
             y = nn.relu(bn(name="bn2")(y, mask=bn_mask))
             y = bn(name="bn3")(conv(self.planes * 4, (1, 1), name="conv3")(y), mask=bn_mask)
         else:
-            y = conv(self.planes, (3, 3), (self.stride,) * 2, padding=((1, 1), (1, 1)), name="conv1")(y)
+            y = conv(
+                self.planes, (3, 3), (self.stride,) * 2, padding=((1, 1), (1, 1)), name="conv1"
+            )(y)
             y = nn.relu(bn(name="bn1")(y, mask=bn_mask))
-            y = bn(name="bn2")(conv(self.planes, (3, 3), padding=((1, 1), (1, 1)), name="conv2")(y), mask=bn_mask)
+            y = bn(name="bn2")(
+                conv(self.planes, (3, 3), padding=((1, 1), (1, 1)), name="conv2")(y), mask=bn_mask
+            )
         if self.downsample:
             out_ch = self.planes * (4 if self.bottleneck else 1)
             x = conv(out_ch, (1, 1), (self.stride,) * 2, name="downsample_0")(x)
@@ -180,23 +196,34 @@ class ResNetStem(nn.Module):
         n_stages = _stages_in_stem(self.cluster_point)
         x = x.astype(self.dtype)
         x = nn.Conv(
-            self.width, (7, 7), (2, 2), padding=((3, 3), (3, 3)), use_bias=False, kernel_init=_conv_init,
-            dtype=self.dtype, param_dtype=self.param_dtype, name="conv1",
+            self.width,
+            (7, 7),
+            (2, 2),
+            padding=((3, 3), (3, 3)),
+            use_bias=False,
+            kernel_init=_conv_init,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="conv1",
         )(x)
         if self.linear:
             return nn.avg_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)), count_include_pad=True)
         x = nn.BatchNorm(
-            use_running_average=use_running_average, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
-            param_dtype=self.param_dtype, name="bn1",
+            use_running_average=use_running_average,
+            momentum=0.9,
+            epsilon=1e-5,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="bn1",
         )(x)
         x = nn.max_pool(nn.relu(x), (3, 3), (2, 2), padding=((1, 1), (1, 1)))
         in_ch = self.width
         bottleneck = _ARCHS[self.depth][0] == "bottleneck"
         for stage in range(1, n_stages + 1):
             for name, planes, stride, down in _stage_blocks(self.depth, self.width, stage, in_ch):
-                x = _Block(planes, stride, down, bottleneck, None, self.dtype, self.param_dtype, name=name)(
-                    x, use_running_average=use_running_average
-                )
+                x = _Block(
+                    planes, stride, down, bottleneck, None, self.dtype, self.param_dtype, name=name
+                )(x, use_running_average=use_running_average)
                 in_ch = planes * (4 if bottleneck else 1)
         return x
 
@@ -232,13 +259,21 @@ class ResNetTrunk(nn.Module):
         for stage in range(first, 5):
             for name, planes, stride, down in _stage_blocks(self.depth, self.width, stage, in_ch):
                 x = _Block(
-                    planes, stride, down, bottleneck, k if self.temporal_shift else None,
-                    self.dtype, self.param_dtype, name=name,
+                    planes,
+                    stride,
+                    down,
+                    bottleneck,
+                    k if self.temporal_shift else None,
+                    self.dtype,
+                    self.param_dtype,
+                    name=name,
                 )(x, use_running_average=not train, bn_mask=bn_mask)
                 in_ch = planes * (4 if bottleneck else 1)
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-        x = nn.Dense(self.num_classes, dtype=jnp.float32, param_dtype=self.param_dtype, name="fc")(x)
+        x = nn.Dense(self.num_classes, dtype=jnp.float32, param_dtype=self.param_dtype, name="fc")(
+            x
+        )
         return x.reshape(b, k, self.num_classes)
 
 
@@ -254,14 +289,35 @@ class ResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, *, train: bool):
-        x = ResNetStem(self.depth, self.width, "stage1", dtype=self.dtype, param_dtype=self.param_dtype,
-                       name="stem")(x, use_running_average=not train)
-        x = ResNetTrunk(self.num_classes, self.depth, self.width, "stage1", False, self.dropout_rate,
-                        self.dtype, self.param_dtype, name="trunk")(x[:, None], train=train)
+        x = ResNetStem(
+            self.depth,
+            self.width,
+            "stage1",
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="stem",
+        )(x, use_running_average=not train)
+        x = ResNetTrunk(
+            self.num_classes,
+            self.depth,
+            self.width,
+            "stage1",
+            False,
+            self.dropout_rate,
+            self.dtype,
+            self.param_dtype,
+            name="trunk",
+        )(x[:, None], train=train)
         return x[:, 0]
 
 
 __all__: Sequence[str] = (
-    "CLUSTER_POINTS", "ResNet", "ResNetStem", "ResNetTrunk", "depth_of", "normalize_images",
-    "stem_channels", "temporal_shift",
+    "CLUSTER_POINTS",
+    "ResNet",
+    "ResNetStem",
+    "ResNetTrunk",
+    "depth_of",
+    "normalize_images",
+    "stem_channels",
+    "temporal_shift",
 )
