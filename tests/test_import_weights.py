@@ -1,15 +1,22 @@
-"""Tests for fva_jax.import_weights: safe loading, the torchvision <-> flax mapping, merging.
+"""Tests for importing torchvision weights: the safe reader (fva_jax.weights_io), the
+torchvision <-> flax mapping and merging (fva_jax.models.resnet_weights), the CLI
+(fva_jax.import_weights).
 
-The torch-free tests build torchvision-style state dicts from fva_jax's own ResNet with a
-plain inverse mapping written out here. The comparison with real torchvision networks runs
-when torch and torchvision are installed (requirements-torch.txt) and skips, saying so,
-otherwise.
+None of the default tests needs torch. The mapping tests build torchvision-style state dicts
+from fva_jax's own ResNet with a plain inverse mapping written out here; the comparison with
+torchvision uses the small reference files in tests/data (made by
+tests/make_torch_references.py with torch installed): torch-saved tensors for the reader, and
+torchvision's logits for ResNet-18/50 with weights regenerated here from a seed.
+
+Opt-in: with FVA_TORCH_TESTS=1 and torch/torchvision installed (requirements-torch.txt), the
+full comparison with real torchvision networks runs too, in a child process (FVA_TORCH_PYTHON
+names another interpreter that has torch; it needs only torch, torchvision and numpy).
 """
 
 import json
 import os
+import pathlib
 import pickle
-import struct
 import subprocess
 import sys
 import textwrap
@@ -19,10 +26,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
+import torch_references as refs
 from flax import traverse_util
 
-from fva_jax import import_weights as iw
+from fva_jax import import_weights, weights_io
 from fva_jax.models import full_video, resnet
+from fva_jax.models import resnet_weights as rw
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -75,22 +85,6 @@ def _stripped(variables):
     return out
 
 
-def _write_safetensors(path, sd):
-    header, blobs, offset = {}, [], 0
-    for k, v in sd.items():
-        v = np.ascontiguousarray(v)
-        dtype = {"float32": "F32", "int64": "I64"}[str(v.dtype)]
-        header[k] = {
-            "dtype": dtype,
-            "shape": list(v.shape),
-            "data_offsets": [offset, offset + v.nbytes],
-        }
-        blobs.append(v.tobytes())
-        offset += v.nbytes
-    h = json.dumps(header).encode()
-    path.write_bytes(struct.pack("<Q", len(h)) + h + b"".join(blobs))
-
-
 @pytest.fixture(scope="module")
 def r18():
     """A width-8 ResNet-18 with random variables and its torchvision-style state dict."""
@@ -132,18 +126,18 @@ def test_malicious_pickle_is_rejected_without_running(tmp_path, evil_cls, contai
         path.write_bytes(payload)
     else:  # legacy stream: magic, protocol, sys info, then the payload
         path.write_bytes(
-            pickle.dumps(iw._LEGACY_MAGIC, protocol=2)
+            pickle.dumps(weights_io.LEGACY_MAGIC, protocol=2)
             + pickle.dumps(1001, protocol=2)
             + pickle.dumps({"little_endian": True}, protocol=2)
             + payload
         )
     expected = r"posix\.system" if evil_cls is _Evil else r"(__builtin__|builtins)\.eval"
     with pytest.raises(pickle.UnpicklingError, match=f"refusing to load global {expected}"):
-        iw.read_state_dict(path)
+        weights_io.read_state_dict(path)
     with pytest.raises(pickle.UnpicklingError, match="refusing"):
-        iw.load_pretrained(path)
+        rw.load_pretrained(path)
     with pytest.raises(SystemExit, match="refusing"):
-        iw.main([str(path), "--out", str(tmp_path / "out")])
+        import_weights.main([str(path), "--out", str(tmp_path / "out")])
     assert not marker.exists()
     assert not (tmp_path / "out").exists()
 
@@ -153,7 +147,7 @@ def test_malicious_pickle_is_rejected_without_running(tmp_path, evil_cls, contai
 )
 def test_pickle_cannot_modify_allowed_globals(tmp_path, target):
     """BUILD on an allowed global (setting its attributes) is refused, and nothing changes."""
-    defaults = iw._rebuild_tensor.__defaults__
+    defaults = weights_io._rebuild_tensor.__defaults__
     state = b"}X\x0c\x00\x00\x00__defaults__)s"  # {"__defaults__": ()}
     path = tmp_path / "build.pth"
     with zipfile.ZipFile(path, "w") as zf:
@@ -161,32 +155,32 @@ def test_pickle_cannot_modify_allowed_globals(tmp_path, target):
             "x/data.pkl", b"\x80\x02" + target + b"(N" + state + b"tb."
         )  # BUILD (None, slotstate)
     with pytest.raises(pickle.UnpicklingError, match="refusing to modify"):
-        iw.read_state_dict(path)
-    assert iw._rebuild_tensor.__defaults__ == defaults
+        weights_io.read_state_dict(path)
+    assert weights_io._rebuild_tensor.__defaults__ == defaults
 
 
 def test_not_a_state_dict_and_corrupt_files(tmp_path):
     path = tmp_path / "list.pth"
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr("x/data.pkl", pickle.dumps([1, 2, 3], protocol=2))
-    with pytest.raises(iw.WeightsError, match="not a state dict"):
-        iw.read_state_dict(path)
+    with pytest.raises(weights_io.WeightsError, match="not a state dict"):
+        weights_io.read_state_dict(path)
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"\x00\x01garbage" * 10)
-    with pytest.raises(iw.WeightsError, match="junk.pth"):
-        iw.read_state_dict(junk)
-    with pytest.raises(iw.WeightsError, match="no such file"):
-        iw.read_state_dict(tmp_path / "missing.pth")
-    with pytest.raises(iw.WeightsError, match="without pretrained.npz"):
-        iw.load_pretrained(tmp_path)
+    with pytest.raises(weights_io.WeightsError, match="junk.pth"):
+        weights_io.read_state_dict(junk)
+    with pytest.raises(weights_io.WeightsError, match="no such file"):
+        weights_io.read_state_dict(tmp_path / "missing.pth")
+    with pytest.raises(weights_io.WeightsError, match="without pretrained.npz"):
+        rw.load_pretrained(tmp_path)
 
 
 # ----------------------------------------------------------------------------- mapping
 
 
 def test_expected_keys_follow_torchvision_naming():
-    keys18 = set(iw.expected_torch_keys("resnet18"))
-    keys50 = set(iw.expected_torch_keys("resnet50"))
+    keys18 = set(rw.expected_torch_keys("resnet18"))
+    keys50 = set(rw.expected_torch_keys("resnet50"))
     # counts of torchvision's resnet18/50 state dicts
     assert len(keys18) == 122 and len(keys50) == 320
     for k in (
@@ -217,14 +211,15 @@ def test_import_roundtrip_into_full_video_model(tmp_path, r18, fmt):
     if fmt == "npz":
         np.savez(src, **sd)
     else:
-        _write_safetensors(src, sd)
-    target = iw.main([str(src), "--out", str(tmp_path / "out")])
-    assert target == tmp_path / "out" / iw.PRETRAINED_FILENAME
+        # contiguous: safetensors 0.8 writes a transposed view's memory, not its values
+        safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, src)
+    target = import_weights.main([str(src), "--out", str(tmp_path / "out")])
+    assert target == tmp_path / "out" / rw.PRETRAINED_FILENAME
     for pretrained in (
-        iw.load_pretrained(tmp_path / "out"),
-        iw.load_pretrained(src, arch="resnet18"),
+        rw.load_pretrained(tmp_path / "out"),
+        rw.load_pretrained(src, arch="resnet18"),
     ):
-        assert iw.pretrained_arch(pretrained) == "resnet18"
+        assert rw.pretrained_arch(pretrained) == "resnet18"
         for point in ("maxpool", "stage1", "stage2"):
             model = full_video.FullVideoModel(
                 num_classes=5,
@@ -242,7 +237,7 @@ def test_import_roundtrip_into_full_video_model(tmp_path, r18, fmt):
                     train=False,
                 )
             )
-            merged = iw.merge_pretrained(abstract, pretrained)
+            merged = rw.merge_pretrained(abstract, pretrained)
             assert jax.tree.structure(merged) == jax.tree.structure(abstract)
             got, want = _stripped(merged), _stripped(variables)
             assert got.keys() == want.keys()
@@ -254,11 +249,11 @@ def test_import_roundtrip_into_full_video_model(tmp_path, r18, fmt):
 
 def test_merge_skips_fc_for_other_class_count(r18):
     _, variables, sd = r18
-    pretrained = iw.convert_state_dict(sd)
+    pretrained = rw.convert_state_dict(sd)
     model = resnet.ResNet(num_classes=3, depth=18, width=8)
     init = _randomize(_shapes(model), seed=3)
     lines = []
-    merged = iw.merge_pretrained(init, pretrained, log_fn=lines.append)
+    merged = rw.merge_pretrained(init, pretrained, log_fn=lines.append)
     assert any(
         "skipping the classifier fc: the weights have 5 classes, the model 3" in line
         for line in lines
@@ -280,17 +275,17 @@ def test_merge_skips_fc_for_other_class_count(r18):
 
 def test_merge_errors_name_the_key(r18):
     _, _, sd = r18
-    pretrained = iw.convert_state_dict(sd)
+    pretrained = rw.convert_state_dict(sd)
     wide = _shapes(resnet.ResNet(num_classes=5, depth=18, width=16))
     with pytest.raises(
         ValueError,
         match=r"pretrained (params|batch_stats)/(bn1|conv1)/\w+ has shape \(8,?.*the model's "
         r"(params|batch_stats)/stem/(bn1|conv1)/\w+ has \(16,?.*\(resnet18, width 8\)",
     ):
-        iw.merge_pretrained(wide, pretrained)
+        rw.merge_pretrained(wide, pretrained)
     deep = _shapes(resnet.ResNet(num_classes=5, depth=50, width=8))
     with pytest.raises(ValueError, match=r"no pretrained value.*resnet18"):
-        iw.merge_pretrained(deep, pretrained)
+        rw.merge_pretrained(deep, pretrained)
 
 
 def test_convert_errors(r18):
@@ -298,37 +293,143 @@ def test_convert_errors(r18):
     missing = dict(sd)
     del missing["layer3.1.bn2.running_var"]
     with pytest.raises(
-        iw.WeightsError, match=r"1 resnet18 keys missing.*layer3\.1\.bn2\.running_var"
+        weights_io.WeightsError, match=r"1 resnet18 keys missing.*layer3\.1\.bn2\.running_var"
     ):
-        iw.convert_state_dict(missing)
+        rw.convert_state_dict(missing)
     extra = dict(sd, **{"aux.weight": np.zeros(3, np.float32)})
-    with pytest.raises(iw.WeightsError, match=r"unexpected.*aux\.weight"):
-        iw.convert_state_dict(extra)
+    with pytest.raises(weights_io.WeightsError, match=r"unexpected.*aux\.weight"):
+        rw.convert_state_dict(extra)
     with pytest.raises(
-        iw.WeightsError, match="--arch resnet50 given, but the weights are resnet18"
+        weights_io.WeightsError, match="--arch resnet50 given, but the weights are resnet18"
     ):
-        iw.convert_state_dict(sd, arch="resnet50")
+        rw.convert_state_dict(sd, arch="resnet50")
     r34 = dict(sd)  # a third block in layer1 makes the (basic, 3-block) pattern of ResNet-34
     for k in [k for k in sd if k.startswith("layer1.1.")]:
         r34[k.replace("layer1.1.", "layer1.2.")] = sd[k]
-    with pytest.raises(iw.WeightsError, match="not supported"):
-        iw.convert_state_dict(r34)
-    with pytest.raises(iw.WeightsError, match="does not look like a torchvision ResNet"):
-        iw.convert_state_dict({"encoder.weight": np.zeros((2, 2), np.float32)})
+    with pytest.raises(weights_io.WeightsError, match="not supported"):
+        rw.convert_state_dict(r34)
+    with pytest.raises(weights_io.WeightsError, match="does not look like a torchvision ResNet"):
+        rw.convert_state_dict({"encoder.weight": np.zeros((2, 2), np.float32)})
 
 
-# ----------------------------------------------------------------------------- torchvision
+def test_corrupt_safetensors_is_named(tmp_path):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
+    with pytest.raises(
+        weights_io.WeightsError, match="bad.safetensors: not a readable safetensors"
+    ):
+        weights_io.read_state_dict(path)
+
+
+def test_cli_module_keeps_the_names_the_trainer_uses(tmp_path, r18):
+    """fva_jax.train calls import_weights.load_pretrained / merge_pretrained (config.train.
+    init_from); they are resnet_weights' functions, and load() is the two in one."""
+    for name in ("load_pretrained", "merge_pretrained", "save_pretrained", "WeightsError"):
+        assert getattr(import_weights, name) is getattr(rw, name, getattr(weights_io, name, None))
+    model, variables, sd = r18
+    np.savez(tmp_path / "sd.npz", **sd)
+    init = _randomize(_shapes(model), seed=5)
+    merged = rw.load(init, tmp_path / "sd.npz", log_fn=lambda line: None)
+    got, want = _stripped(merged), _stripped(variables)
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=str(key))
+
+
+# ----------------------------------------------------------------------------- torch references
+
+
+def test_reference_constants_are_the_models():
+    assert refs.IMAGENET_MEAN == resnet.IMAGENET_MEAN and refs.IMAGENET_STD == resnet.IMAGENET_STD
+
+
+@pytest.mark.parametrize("path", [refs.TENSORS_ZIP, refs.TENSORS_LEGACY], ids=["zip", "legacy"])
+def test_reader_matches_torch_load_references(path):
+    """Dtypes, strides, storage offsets and shared storages come out as torch.load gave them
+    (files written by tests/make_torch_references.py)."""
+    with np.load(refs.TENSORS_WANT) as f:
+        wants = {k: f[k] for k in f.files}
+    got = weights_io.read_state_dict(path)
+    assert sorted(got) == sorted(wants)
+    assert str(got["bfloat16"].dtype) == "bfloat16"
+    for k, want in wants.items():
+        value = got[k].astype(np.float32) if k == "bfloat16" else got[k]
+        assert value.dtype == want.dtype and value.shape == want.shape, k
+        np.testing.assert_array_equal(value, want, err_msg=k)
+
+
+def _reference(arch):
+    """(state dict regenerated from the seed, the stored reference) for `arch`."""
+    with np.load(refs.logits_file(arch)) as f:
+        ref = {k: f[k] for k in f.files}
+    key_shapes = list(zip(ref["keys"].tolist(), json.loads(str(ref["shapes"]))))
+    state_dict = refs.state_dict_from_seed(key_shapes)
+    assert refs.fingerprint(state_dict) == str(ref["fingerprint"]), (
+        "the weights drawn from the seed differ from those torchvision's logits were computed "
+        "with (has NumPy's random stream changed?); rerun tests/make_torch_references.py"
+    )
+    return state_dict, ref
+
+
+@pytest.mark.parametrize("arch", refs.ARCHS)
+def test_logits_match_torchvision_references(arch):
+    """torchvision's ResNet and the imported flax ResNet agree on the same images: the stored
+    logits of torchvision with weights drawn from the seed, against fva_jax's ResNet with the
+    same weights imported."""
+    state_dict, ref = _reference(arch)
+    assert set(state_dict) == set(rw.expected_torch_keys(arch))  # torchvision's own key list
+    pretrained = rw.convert_state_dict(state_dict, arch)
+    model = resnet.ResNet(num_classes=refs.NUM_CLASSES, depth=resnet.depth_of(arch))
+    x, want = ref["x"], ref["logits"]
+    abstract = jax.eval_shape(
+        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1,) + x.shape[1:]), train=False)
+    )
+    got = np.asarray(
+        model.apply(rw.merge_pretrained(abstract, pretrained), jnp.asarray(x), train=False)
+    )
+    scale = np.abs(want).max()
+    assert scale > 1e-3  # the comparison is not between two near-zero outputs
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * scale)
+    np.testing.assert_allclose(x, resnet.normalize_images(ref["frames"]), rtol=1e-6, atol=1e-6)
+
+    if arch == "resnet18":
+        # The training model itself: one frame, K=1, no shift -> the same logits per video.
+        fvm = full_video.FullVideoModel(
+            num_classes=refs.NUM_CLASSES,
+            backbone="resnet18",
+            num_clusters=1,
+            temporal_shift=False,
+            dropout_rate=0.0,
+            chunk_size=1,
+        )
+        videos = jnp.asarray(ref["frames"][:, None])
+        mask = jnp.ones(videos.shape[:2], bool)
+        abstract = jax.eval_shape(
+            lambda: fvm.init(jax.random.PRNGKey(0), videos, mask, train=False)
+        )
+        logits, _ = fvm.apply(rw.merge_pretrained(abstract, pretrained), videos, mask, train=False)
+        np.testing.assert_allclose(np.asarray(logits), want, rtol=1e-4, atol=1e-4 * scale)
+
+
+# ----------------------------------------------------------------------------- torch (opt-in)
 
 
 # torch runs in a child process: torch's CUDA wheels load triton, which crashes a process that
 # already holds TensorFlow (imported by other test modules), and the tests need neither torch's
 # nor our process's state from each other, only files.
 _NO_TORCH = 77
+_OPT_IN = "FVA_TORCH_TESTS"
 
 
 def _run_torch(script: str, tmp_path, *args) -> None:
     """Runs `script` (Python, with `import torch, torchvision` done and sys.argv[1:] = args) in
-    a child interpreter; skips, saying why, when torch or torchvision is missing."""
+    a child interpreter; skips, saying why, unless FVA_TORCH_TESTS=1 and torch is installed."""
+    if os.environ.get(_OPT_IN) != "1":
+        pytest.skip(
+            f"opt-in: the comparison with real torchvision networks runs with {_OPT_IN}=1 and "
+            "torch installed (pip install -r requirements-torch.txt); the default tests compare "
+            "with the reference files in tests/data instead"
+        )
+    python = os.environ.get("FVA_TORCH_PYTHON", sys.executable)
     prelude = (
         "import sys\n"
         "try:\n"
@@ -337,7 +438,7 @@ def _run_torch(script: str, tmp_path, *args) -> None:
         f"    print(e); sys.exit({_NO_TORCH})\n"
     )
     proc = subprocess.run(
-        [sys.executable, "-c", prelude + textwrap.dedent(script), *map(str, args)],
+        [python, "-c", prelude + textwrap.dedent(script), *map(str, args)],
         capture_output=True,
         text=True,
         cwd=tmp_path,
@@ -345,8 +446,9 @@ def _run_torch(script: str, tmp_path, *args) -> None:
     )
     if proc.returncode == _NO_TORCH:
         pytest.skip(
-            f"torch/torchvision are not installed ({proc.stdout.strip()}): the torchvision "
-            "comparison needs `pip install -r requirements-torch.txt`"
+            f"{_OPT_IN}=1, but torch/torchvision are not installed for {python} "
+            f"({proc.stdout.strip()}): pip install -r requirements-torch.txt, or point "
+            "FVA_TORCH_PYTHON at an interpreter that has them"
         )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
@@ -376,80 +478,53 @@ _TORCHVISION_NET = """
     "arch,legacy", [("resnet18", False), ("resnet18", True), ("resnet50", False)]
 )
 def test_logits_match_torchvision(tmp_path, arch, legacy):
-    """A random-weight torchvision ResNet and the imported flax ResNet agree on the same images."""
-    frames = np.random.default_rng(0).integers(0, 256, (2, 48, 48, 3), dtype=np.uint8)
-    x = (frames / 255.0 - np.array(resnet.IMAGENET_MEAN)) / np.array(resnet.IMAGENET_STD)
-    x = x.astype(np.float32)
+    """Opt-in. A torchvision ResNet with torch's own random initialisation, saved as a full
+    .pth (zip or legacy), imported through the file and run by fva_jax: the same logits."""
+    _, x = refs.input_frames()
     path, io = tmp_path / f"{arch}.pth", tmp_path / "io.npz"
     np.savez(io, x=x)
     _run_torch(_TORCHVISION_NET, tmp_path, arch, int(legacy), path, io)
     want = np.load(io)["want"]
 
-    pretrained = iw.load_pretrained(path)
-    model = resnet.ResNet(num_classes=10, depth=int(arch[6:]))
+    pretrained = rw.load_pretrained(path)
+    model = resnet.ResNet(num_classes=10, depth=resnet.depth_of(arch))
     abstract = jax.eval_shape(
-        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 48, 48, 3)), train=False)
+        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1,) + x.shape[1:]), train=False)
     )
     got = np.asarray(
-        model.apply(iw.merge_pretrained(abstract, pretrained), jnp.asarray(x), train=False)
+        model.apply(rw.merge_pretrained(abstract, pretrained), jnp.asarray(x), train=False)
     )
     scale = np.abs(want).max()
-    assert scale > 1e-3  # the comparison is not between two near-zero outputs
+    assert scale > 1e-3
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * scale)
 
-    if arch == "resnet18" and not legacy:
-        # The training model itself: one frame, K=1, no shift -> the same logits per video.
-        fvm = full_video.FullVideoModel(
-            num_classes=10,
-            backbone="resnet18",
-            num_clusters=1,
-            temporal_shift=False,
-            dropout_rate=0.0,
-            chunk_size=1,
-        )
-        videos, mask = jnp.asarray(frames[:, None]), jnp.ones((2, 1), bool)
-        abstract = jax.eval_shape(
-            lambda: fvm.init(jax.random.PRNGKey(0), videos, mask, train=False)
-        )
-        logits, _ = fvm.apply(iw.merge_pretrained(abstract, pretrained), videos, mask, train=False)
-        np.testing.assert_allclose(np.asarray(logits), want, rtol=1e-4, atol=1e-4 * scale)
 
-
-_TORCH_TENSORS = """
-    import numpy as np
-    legacy, path, out = sys.argv[1] == "1", sys.argv[2], sys.argv[3]
-    torch.manual_seed(0)
-    base = torch.arange(24, dtype=torch.float32).reshape(4, 6) / 7
-    tensors = {
-        "contiguous": torch.randn(2, 3, 4),
-        "transposed": base.t(),  # non-contiguous strides
-        "offset_view": base[1:3, 2:5],  # storage offset, shares base's storage
-        "base": base,
-        "half": torch.randn(5).half(),
-        "bfloat16": torch.randn(3, 2).bfloat16(),
-        "int64": torch.tensor([1, -2, 3]),
-        "bool": torch.tensor([True, False]),
-        "scalar": torch.tensor(2.5),
-        "empty": torch.zeros(0, 3),
-    }
-    torch.save(tensors, path, _use_new_zipfile_serialization=not legacy)
-    # numpy has no bfloat16: that one is compared as float32
-    np.savez(out, **{k: (t.float() if t.dtype == torch.bfloat16 else t).numpy()
-                     for k, t in tensors.items()})
+_MAKE_REFERENCES = """
+    import runpy
+    script, out = sys.argv[1], sys.argv[2]
+    sys.argv = [script, "--out", out]
+    runpy.run_path(script, run_name="__main__")
 """
 
 
-@pytest.mark.parametrize("legacy", [False, True])
-def test_reader_matches_torch_load(tmp_path, legacy):
-    """Dtypes, strides, storage offsets and shared storages come out as torch.load gives them."""
-    path, out = tmp_path / "t.pth", tmp_path / "want.npz"
-    _run_torch(_TORCH_TENSORS, tmp_path, int(legacy), path, out)
-    with np.load(out) as f:
-        wants = {k: f[k] for k in f.files}
-    got = iw.read_state_dict(path)
-    assert sorted(got) == sorted(wants)
-    assert str(got["bfloat16"].dtype) == "bfloat16"
-    for k, want in wants.items():
-        value = got[k].astype(np.float32) if k == "bfloat16" else got[k]
-        assert value.dtype == want.dtype and value.shape == want.shape, k
-        np.testing.assert_array_equal(value, want, err_msg=k)
+def test_committed_references_are_current(tmp_path):
+    """Opt-in. tests/make_torch_references.py, rerun with the installed torch, gives the
+    committed files' tensors and (within float tolerance) logits."""
+    script = pathlib.Path(__file__).resolve().parent / "make_torch_references.py"
+    _run_torch(_MAKE_REFERENCES, tmp_path, script, tmp_path / "refs")
+    fresh = tmp_path / "refs"
+    for committed in (refs.TENSORS_ZIP, refs.TENSORS_LEGACY):
+        new = weights_io.read_state_dict(fresh / committed.name)
+        old = weights_io.read_state_dict(committed)
+        assert sorted(new) == sorted(old)
+        for k in old:
+            np.testing.assert_array_equal(new[k], old[k], err_msg=k)
+    for arch in refs.ARCHS:
+        with (
+            np.load(fresh / refs.logits_file(arch).name) as new,
+            np.load(refs.logits_file(arch)) as old,
+        ):
+            for k in ("keys", "shapes", "fingerprint", "frames", "x"):
+                np.testing.assert_array_equal(new[k], old[k], err_msg=f"{arch} {k}")
+            scale = np.abs(old["logits"]).max()
+            np.testing.assert_allclose(new["logits"], old["logits"], rtol=1e-5, atol=1e-5 * scale)

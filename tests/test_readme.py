@@ -16,6 +16,8 @@ def test_ci_runs_the_readme_test_command_verbatim():
     test_command = bash[bash.index("# Run the tests") + 1]
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert test_command in ci, (test_command, ci)
+    # the default tests need no torch (5 GB): only the opt-in FVA_TORCH_TESTS=1 tests use it
+    assert "torch" not in test_command and "torch" not in (ROOT / "requirements.txt").read_text()
     # the main-job command is the first one and uses a config that exists
     main_command = bash[1]
     config = re.search(r"--config=(\S+)", main_command).group(1)
