@@ -1,6 +1,6 @@
 """Breakfast Actions (10 activities, long cooking videos): the paper's main benchmark.
 
-Paper recipe (DESIGN.md §1): TSM-ResNet-50, K=16 clusters on stage 1, 224 px multi-scale
+Paper recipe (docs/DESIGN.md §1): TSM-ResNet-50, K=16 clusters on stage 1, 224 px multi-scale
 crops with horizontal flip, SGD momentum 0.9, weight decay 5e-4, lr 0.001, batch 16,
 dropout 0.8, clip 20, classifier lr x5 (bias x10), 40 epochs, uniform-sampling warm-up.
 

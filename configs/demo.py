@@ -45,7 +45,7 @@ def get_config():
     config.train.num_epochs = 16.0
     config.train.log_every_steps = 32
     # As in the paper, start with uniform sampling: it also calibrates the stem's BatchNorm
-    # statistics, which full-video training keeps frozen (DESIGN.md §2).
+    # statistics, which full-video training keeps frozen (docs/DESIGN.md §2).
     config.train.uniform_warmup_epochs = 2.0
     config.optim.name = "adamw"
     config.optim.weight_decay = 0.01

@@ -1,7 +1,7 @@
 """The one place where the experiment config is declared and checked.
 
 `default_config()` declares every field the trainer, the model and the data pipeline read,
-with the paper's recipe as defaults (DESIGN.md §1). Each `configs/<name>.py` starts from it
+with the paper's recipe as defaults (docs/DESIGN.md §1). Each `configs/<name>.py` starts from it
 and only overrides. `validate_config()` runs before any work and raises `ConfigError` with a
 message that names the offending field, e.g.
 ``config.model.num_clusters must be >= 1, got 0``.

@@ -1,4 +1,4 @@
-"""Tiny fake copies of the official data set layouts (DATASETS.md), for tests.
+"""Tiny fake copies of the official data set layouts (docs/DATASETS.md), for tests.
 
 Each writer creates a few short videos (PyAV-encoded .avi/.webm or JPEG folders) and the
 real split/label files' formats under `root` (use as TFDS manual_dir), and returns the

@@ -41,3 +41,24 @@ def test_clustering_example_runs_and_prints_segment_sizes():
     # 8 non-empty segments per video, covering its 300 and 180 valid frames
     assert sizes.shape == (2, 8) and (sizes > 0).all()
     np.testing.assert_array_equal(sizes.sum(axis=1), [300, 180])
+
+
+def test_references_point_into_the_repository():
+    """Links in README.md and docs/*.md name files of the repository, and every
+    `docs/DESIGN.md §N` cited anywhere in the code names a section that exists."""
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = doc.read_text()
+        assert "shared/" not in text, f"{doc.name} points outside the repository"
+        for target in re.findall(r"\]\(([^)#\s]+)[^)]*\)", text):
+            if "://" not in target:
+                assert (doc.parent / target).exists(), f"{doc.name} links to missing {target}"
+    sections = set(re.findall(r"^## (\d+)\. ", (ROOT / "docs" / "DESIGN.md").read_text(), re.M))
+    cited = []
+    files = [ROOT / "README.md"]
+    for folder in ("fva_jax", "configs", "benchmarks", "launch", "tests", "docs"):
+        files += [p for p in (ROOT / folder).rglob("*") if p.suffix in (".py", ".md", ".sh")]
+    for path in files:
+        for section in re.findall(r"docs/DESIGN\.md\)? §(\d+)", path.read_text()):
+            cited.append(section)
+            assert section in sections, f"{path.relative_to(ROOT)} cites docs/DESIGN.md §{section}"
+    assert cited  # the pattern matches the way the code cites it
