@@ -12,8 +12,8 @@ coloured bands and the boundaries as vertical lines, and a band of one colour pe
 Features: without ``--workdir``, the fixed random-weight conv features of
 ``fva_jax.clustering_demo`` (no training needed); with ``--workdir``, the stem (conv1 ...
 cluster point, running BatchNorm statistics) of the latest checkpoint of a run trained by
-``fva_jax.main``: exactly the activations the model clusters. Backbone, width and cluster
-point are read off the checkpoint's parameter shapes.
+``fva_jax.main``: exactly the activations the model clusters. Backbone, width, cluster
+point and compute dtype come from the run's ``config.json``.
 
 ``render_timeline(frames, distances, segment_ids)`` returns the picture as a uint8 array,
 for TensorBoard image summaries (``writer.write_images``) as well as for the PNG.
@@ -302,12 +302,19 @@ def random_feature_fn(seed: int = 0) -> Callable:
     return lambda chunk: clustering_demo.random_features(chunk, seed=seed)
 
 
-def stem_from_params(params: dict, batch_stats: dict) -> tuple[Any, dict, str]:
-    """(ResNetStem, its variables, description) from a FullVideoModel's params and batch_stats.
+def stem_from_config(model_config, params: dict, batch_stats: dict) -> tuple[Any, dict, str]:
+    """(ResNetStem, its variables, description) of a FullVideoModel's checkpoint.
 
-    Backbone, width and cluster point are read off the shapes: width = conv1's output channels;
-    cluster point = the last stage inside ``stem``; ResNet-50 iff blocks have a conv3.
+    Args:
+      model_config: the run's ``config.model`` (backbone, width, cluster_point, dtype).
+      params, batch_stats: the checkpoint's variables (top-level ``stem`` and ``trunk``).
+
+    Raises:
+      ValueError: the checkpoint's stem is not the one the config describes.
     """
+    import jax
+    import jax.numpy as jnp
+
     from fva_jax.models import resnet
 
     if "stem" not in params or "trunk" not in params:
@@ -315,14 +322,29 @@ def stem_from_params(params: dict, batch_stats: dict) -> tuple[Any, dict, str]:
             f"checkpoint params have no stem/trunk (top-level keys {sorted(params)}); "
             "is this a fva_jax FullVideoModel checkpoint?"
         )
-    stem_p = params["stem"]
-    width = int(np.shape(stem_p["conv1"]["kernel"])[-1])
-    point = "stage2" if "layer2_0" in stem_p else "stage1" if "layer1_0" in stem_p else "maxpool"
-    block = stem_p.get("layer1_0") or params["trunk"].get("layer1_0")
-    depth = 50 if "conv3" in block else 18
-    stem = resnet.ResNetStem(depth=depth, width=width, cluster_point=point)
-    variables = {"params": stem_p, "batch_stats": batch_stats.get("stem", {})}
-    return stem, variables, f"resnet{depth} width {width} stem up to {point}"
+    m = model_config
+    stem = resnet.ResNetStem(
+        depth=resnet.depth_of(m.backbone),
+        width=m.width,
+        cluster_point=m.cluster_point,
+        dtype=jnp.dtype(m.dtype),
+    )
+    variables = {"params": params["stem"], "batch_stats": batch_stats.get("stem", {})}
+    expected = jax.eval_shape(
+        lambda: stem.init(
+            jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), use_running_average=True
+        )
+    )
+
+    def shapes(tree):
+        return jax.tree.map(lambda leaf: tuple(leaf.shape), tree)
+
+    if shapes(expected) != shapes(variables):
+        raise ValueError(
+            f"the checkpoint's stem is not the one config.model describes ({m.backbone}, width "
+            f"{m.width}, cluster_point {m.cluster_point}): was config.json changed after training?"
+        )
+    return stem, variables, f"{m.backbone} width {m.width} stem up to {m.cluster_point}"
 
 
 def load_checkpoint_stem(
@@ -330,13 +352,17 @@ def load_checkpoint_stem(
 ) -> tuple[Callable, str]:
     """(feature function uint8 (n, H, W, 3) -> (n, F), description) from ``workdir/checkpoints``.
 
-    Reads the latest step (or ``step``) written by ``fva_jax.train``.
+    Reads the latest step (or ``step``) written by ``fva_jax.train``, and the model's
+    configuration from the run's ``config.json``.
     """
     from fva_jax import train
     from fva_jax.models import resnet
 
+    config, _ = train.load_run_config(workdir)
     state, step = train.restore_variables(workdir, step)
-    stem, variables, what = stem_from_params(state["params"], state.get("batch_stats", {}))
+    stem, variables, what = stem_from_config(
+        config.model, state["params"], state.get("batch_stats", {})
+    )
 
     def features(chunk):
         x = stem.apply(variables, resnet.normalize_images(chunk), use_running_average=True)

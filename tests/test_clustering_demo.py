@@ -102,12 +102,17 @@ def test_demo_slope_finds_planted_scene_cuts(tmp_path, capsys, stride):
     assert_partition(segments, num_frames, 4)
 
 
-def test_demo_errors_name_the_problem(tmp_path, monkeypatch):
+def test_demo_errors_name_the_problem(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(video_lib, "find_sample_video", lambda: None)
     with pytest.raises(SystemExit, match="no VIDEO given and no sample video found"):
         clustering_demo.main(["--num-clusters", "4"])
     missing = tmp_path / "missing.mp4"
     with pytest.raises(SystemExit, match=re.escape(str(missing))):
         clustering_demo.main([str(missing)])
-    with pytest.raises(SystemExit):
-        clustering_demo.main([str(missing), "--window", "0"])
+    # A bad argument on a file that exists: the argument alone must stop it.
+    real = planted_video(tmp_path / "ok.mp4", [5], 12)
+    for flag in ("--window", "--num-clusters", "--stride"):
+        with pytest.raises(SystemExit) as exit_info:
+            clustering_demo.main([str(real), flag, "0"])
+        assert exit_info.value.code == 2  # argparse's usage error
+        assert f"{flag} must be >= 1, got 0" in capsys.readouterr().err

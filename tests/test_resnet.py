@@ -80,7 +80,11 @@ def test_torchvision_layout(depth, count):
 
 
 def _stem_trunk_shapes(depth, dtype, width=8, b=2, k=3, train=True):
-    """Abstract (eval_shape) stem + trunk: exact output/variable shapes and dtypes, no compute."""
+    """x -> (stem variables, trunk variables, stem output, logits) of a stem + trunk.
+
+    test_shapes_and_dtypes traces it with jax.eval_shape (exact shapes and dtypes, no compute);
+    test_runs_finite executes it.
+    """
     stem = ResNetStem(depth, width, "stage1", dtype=dtype)
     trunk = ResNetTrunk(7, depth, width, "stage1", True, 0.5, dtype)
 

@@ -1,5 +1,7 @@
 """Tests for fva_jax.visualize: pixel values of the rendered timeline follow the segments."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +9,7 @@ import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
-from fva_jax import clustering
+from fva_jax import clustering, config_lib, train
 from fva_jax import visualize as vis
 from fva_jax.data import video as video_lib
 from fva_jax.models import full_video, resnet
@@ -17,7 +19,7 @@ SCENE_GRAY = (30, 90, 150, 210)
 
 
 def _solid_frames(seg, h=16, w=24):
-    """Frame t is a solid gray that identifies its segment, with one red pixel column per t."""
+    """Frame t is one solid gray, SCENE_GRAY[seg[t]]: the colour says the segment."""
     frames = np.zeros((len(seg), h, w, 3), np.uint8)
     for t, s in enumerate(seg):
         frames[t] = SCENE_GRAY[s]
@@ -153,16 +155,18 @@ def test_cli_errors(tmp_path):
         vis.main([str(tmp_path / "missing.mp4"), "--out", str(tmp_path / "x.png")])
 
 
-def test_stem_is_read_off_the_parameter_shapes():
+def _model_config(**fields):
+    config = config_lib.default_config()
+    config.model.update(fields)
+    return config
+
+
+def test_stem_follows_the_run_config():
     for backbone, point, width in (("resnet50", "maxpool", 8), ("resnet18", "stage2", 16)):
-        model = full_video.FullVideoModel(
-            num_classes=3,
-            backbone=backbone,
-            width=width,
-            num_clusters=2,
-            cluster_point=point,
-            chunk_size=2,
+        config = _model_config(
+            backbone=backbone, width=width, num_clusters=2, cluster_point=point, chunk_size=2
         )
+        model = full_video.FullVideoModel(num_classes=3, **train.model_kwargs(config))
         shapes = jax.eval_shape(
             lambda m=model: m.init(
                 jax.random.PRNGKey(0),
@@ -171,8 +175,16 @@ def test_stem_is_read_off_the_parameter_shapes():
                 train=False,
             )
         )
-        stem, _, _ = vis.stem_from_params(shapes["params"], shapes["batch_stats"])
+        stem, _, _ = vis.stem_from_config(config.model, shapes["params"], shapes["batch_stats"])
         assert (stem.depth, stem.width, stem.cluster_point) == (int(backbone[6:]), width, point)
+        # A config that does not describe the checkpoint is refused, not guessed around.
+        for other in ({"width": width * 2}, {"cluster_point": "stage1"}):
+            with pytest.raises(ValueError, match="not the one config.model describes"):
+                vis.stem_from_config(
+                    _model_config(**dict(config.model.to_dict(), **other)).model,
+                    shapes["params"],
+                    shapes["batch_stats"],
+                )
 
 
 def test_workdir_checkpoint_stem_gives_the_models_segments(tmp_path, cut_video):
@@ -203,9 +215,14 @@ def test_workdir_checkpoint_stem_gives_the_models_segments(tmp_path, cut_video):
         ).astype(np.float32),
         shapes,
     )
-    mngr = ocp.CheckpointManager(
-        tmp_path / "run" / "checkpoints"
-    )  # the layout fva_jax.train writes
+    # The layout fva_jax.train writes: config.json, dataset_info.json, checkpoints/.
+    config = _model_config(
+        backbone="resnet18", width=8, num_clusters=3, cluster_method="cumulative", chunk_size=8
+    )
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / train.CONFIG_FILE).write_text(json.dumps(config_lib.to_dict(config)))
+    (tmp_path / "run" / train.DATASET_INFO_FILE).write_text("{}")
+    mngr = ocp.CheckpointManager(tmp_path / "run" / "checkpoints")
     state = {
         "step": np.int32(5),
         "params": variables["params"],
@@ -262,5 +279,11 @@ def test_workdir_checkpoint_stem_gives_the_models_segments(tmp_path, cut_video):
                 "7",
             ]
         )
-    with pytest.raises(SystemExit, match="no checkpoints in"):
+    with pytest.raises(SystemExit, match="config.json.* not found"):
         vis.main([str(path), "--out", str(tmp_path / "d.png"), "--workdir", str(tmp_path / "none")])
+    no_checkpoints = tmp_path / "no_checkpoints"
+    no_checkpoints.mkdir()
+    for name in (train.CONFIG_FILE, train.DATASET_INFO_FILE):
+        (no_checkpoints / name).write_text((tmp_path / "run" / name).read_text())
+    with pytest.raises(SystemExit, match="no checkpoints in"):
+        vis.main([str(path), "--out", str(tmp_path / "d.png"), "--workdir", str(no_checkpoints)])
