@@ -30,19 +30,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
 
-# Run from a checkout without installing: the repository root holds fva_jax/.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from fva_jax import clustering  # noqa: E402
+from fva_jax import clustering
 
 # ---------------------------------------------------------------------------
 # inputs

@@ -17,16 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax.numpy as jnp
+import numpy as np
 
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from fva_jax import clustering, clustering_demo, predict, train, visualize  # noqa: E402
-from fva_jax.data import sparse_events  # noqa: E402
+from fva_jax import clustering, clustering_demo, predict, train, visualize
+from fva_jax.data import sparse_events
 
 
 def event_purity(segment_ids: np.ndarray, start: int, length: int) -> float:

@@ -17,20 +17,15 @@ all of them), so compare figures from one run on one machine.
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before anything imports TensorFlow
 
-import ml_collections  # pylint: disable=wrong-import-position
-from absl import (
-    app,  # pylint: disable=g-import-not-at-top,wrong-import-position
-    flags,  # pylint: disable=wrong-import-position
-)
+import ml_collections
+from absl import app, flags
 
-from fva_jax.data import video as video_lib  # pylint: disable=wrong-import-position
+from fva_jax.data import video as video_lib
 
 _CONFIG = flags.DEFINE_string("config", "small", "sparse_events builder config.")
 _DATA_DIR = flags.DEFINE_string(
