@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fva_jax import clustering, clustering_demo, predict, train, visualize  # noqa: E402
+from fva_jax import checkpoints, clustering, clustering_demo, predict, visualize  # noqa: E402
 from fva_jax.data import sparse_events  # noqa: E402
 
 
@@ -45,7 +45,7 @@ def main() -> None:
 
     if args.workdir:
         features, what = visualize.load_checkpoint_stem(args.workdir)
-        data_config = train.load_run_config(args.workdir)[0].data
+        data_config = checkpoints.load_run_config(args.workdir)[0].data
     else:
         features, what = visualize.random_feature_fn(), "random-weight conv features"
         data_config = None

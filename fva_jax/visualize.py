@@ -332,10 +332,10 @@ def load_checkpoint_stem(
 
     Reads the latest step (or ``step``) written by ``fva_jax.train``.
     """
-    from fva_jax import train
+    from fva_jax import checkpoints
     from fva_jax.models import resnet
 
-    state, step = train.restore_variables(workdir, step)
+    state, step = checkpoints.restore_variables(workdir, step)
     stem, variables, what = stem_from_params(state["params"], state.get("batch_stats", {}))
 
     def features(chunk):
