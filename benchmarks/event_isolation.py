@@ -21,7 +21,7 @@ import json
 import jax.numpy as jnp
 import numpy as np
 
-from fva_jax import clustering, clustering_demo, predict, train, visualize
+from fva_jax import checkpoints, clustering, clustering_demo, predict, visualize
 from fva_jax.data import sparse_events
 
 
@@ -41,7 +41,7 @@ def main() -> None:
 
     if args.workdir:
         features, what = visualize.load_checkpoint_stem(args.workdir)
-        data_config = train.load_run_config(args.workdir)[0].data
+        data_config = checkpoints.load_run_config(args.workdir)[0].data
     else:
         features, what = visualize.random_feature_fn(), "random-weight conv features"
         data_config = None

@@ -35,9 +35,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 
-from fva_jax import clustering  # noqa: E402
+from fva_jax import clustering, steps  # noqa: E402
 from fva_jax.data.video import decode_video, find_sample_video  # noqa: E402
 from fva_jax.models.full_video import FullVideoModel, uniform_indices  # noqa: E402
 from fva_jax.models.resnet import normalize_images  # noqa: E402
@@ -85,22 +84,28 @@ def grad_fn(model, method=None, train=True):
     off anyway); not for sampling="uniform" itself, whose offsets need train=True.
     """
 
-    def loss(params, batch_stats, videos, mask, label, key, u):
+    def grads(variables, videos, mask, label, key, u):
         kwargs = {"u": u} if method is uniform_running_stem else {}
-        (logits, _), _ = model.apply(
-            {"params": params, "batch_stats": batch_stats},
-            videos,
-            mask,
-            train=train,
+        batch = {
+            "video": videos,
+            "mask": mask,
+            "label": label,
+            "batch_mask": jnp.ones(label.shape, bool),
+        }
+        # The trainer's own loss (fva_jax.steps), gradient w.r.t. the parameters.
+        _, g = steps.loss_and_grads(
+            variables["params"],
+            variables["batch_stats"],
+            batch,
+            model=model,
             rngs={"dropout": key, "sampling": key},
-            mutable=["batch_stats"],
+            train=train,
             method=method,
             **kwargs,
         )
-        return optax.softmax_cross_entropy_with_integer_labels(logits, label).mean()
+        return g
 
-    g = jax.grad(loss)
-    return jax.jit(lambda v, *a: g(v["params"], v["batch_stats"], *a))
+    return jax.jit(grads)
 
 
 def cosines(g, ref):

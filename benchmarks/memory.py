@@ -1,7 +1,8 @@
 """XLA temporary memory of one training step vs. video length T.
 
 For each T, compiles (lower + compile only: nothing is allocated or run) one training step,
-forward + backward + SGD update, batch of one video, and prints
+the trainer's own ``fva_jax.steps.train_step`` (forward + backward + update) with plain SGD,
+batch of one video, and prints
 ``compiled.memory_analysis().temp_size_in_bytes`` for
 
   (a) the full-video model (sampling="cluster": two passes, chunked, rematerialised),
@@ -21,6 +22,7 @@ Last line: one JSON object {"frames", "full_video_temp_bytes", "unchunked_temp_b
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -32,30 +34,44 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
+from fva_jax import steps  # noqa: E402
 from fva_jax.models.full_video import FullVideoModel  # noqa: E402
 
+LEARNING_RATE = 0.01
+SGD = optax.sgd(LEARNING_RATE)
 
-def train_step_fn(model, method=None):
-    """One SGD step: (variables, videos, mask, labels, rng) -> (new variables, loss)."""
 
-    def step(variables, videos, mask, labels, rng):
-        def loss_fn(params):
-            (logits, _), updates = model.apply(
-                {"params": params, "batch_stats": variables["batch_stats"]},
-                videos,
-                mask,
-                train=True,
-                rngs={"dropout": rng, "sampling": rng},
-                mutable=["batch_stats"],
-                method=method,
-            )
-            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), updates
+def sgd_train_step(model, method=None):
+    """fva_jax.steps.train_step with plain SGD: (TrainState, batch) -> (TrainState, metrics).
+    method: a FullVideoModel method to train instead of __call__ (e.g. "unchunked")."""
+    return functools.partial(
+        steps.train_step,
+        model=model,
+        tx=SGD,
+        schedule=optax.constant_schedule(LEARNING_RATE),
+        method=method,
+    )
 
-        (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])
-        params = jax.tree.map(lambda p, g: p - 0.01 * g, variables["params"], grads)
-        return {"params": params, "batch_stats": updates["batch_stats"]}, loss
 
-    return step
+def sgd_state(variables) -> steps.TrainState:
+    """A TrainState at step 0 holding `variables` (works on abstract ones under eval_shape)."""
+    return steps.TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        opt_state=SGD.init(variables["params"]),
+        rng=jax.random.PRNGKey(1),
+    )
+
+
+def make_batch(videos, mask, labels) -> dict:
+    """The trainer's batch dict; every video real (batch_mask all True)."""
+    return {
+        "video": videos,
+        "mask": mask,
+        "label": labels,
+        "batch_mask": jnp.ones(labels.shape, bool),
+    }
 
 
 def compiled_step(model, frames, resolution, batch, method=None):
@@ -63,13 +79,17 @@ def compiled_step(model, frames, resolution, batch, method=None):
     videos = jax.ShapeDtypeStruct((batch, frames, resolution, resolution, 3), jnp.uint8)
     mask = jax.ShapeDtypeStruct((batch, frames), jnp.bool_)
     labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
-    rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
     variables = jax.eval_shape(
         lambda v, m: model.init({"params": jax.random.key(0)}, v, m, train=False), videos, mask
     )
-    return (
-        jax.jit(train_step_fn(model, method)).lower(variables, videos, mask, labels, rng).compile()
-    )
+    state = jax.eval_shape(sgd_state, variables)
+    inputs = {
+        "video": videos,
+        "mask": mask,
+        "label": labels,
+        "batch_mask": jax.ShapeDtypeStruct((batch,), jnp.bool_),
+    }
+    return jax.jit(sgd_train_step(model, method)).lower(state, inputs).compile()
 
 
 def temp_bytes(model, frames, resolution, batch, method=None) -> int:

@@ -1,6 +1,7 @@
 """Wall time and FLOPs of one training step: sampling="cluster" vs "uniform" vs "dense".
 
-Compiles one SGD training step (forward + backward + update) per sampling on the same batch
+Compiles one training step (fva_jax.steps.train_step with plain SGD: forward + backward +
+update) per sampling on the same batch
 of whole videos (plus "unchunked": the clustered math in one piece, no scan, no remat), then
 times them interleaved (round robin, median of --steps runs each), so load on a shared
 machine hits all three alike. Times are reported as ratios to uniform; on an
@@ -35,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from memory import train_step_fn  # noqa: E402  (benchmarks/memory.py)
+from memory import make_batch, sgd_state, sgd_train_step  # noqa: E402  (benchmarks/memory.py)
 
 from fva_jax.models.full_video import FullVideoModel  # noqa: E402
 from fva_jax.models.resnet import normalize_images  # noqa: E402
@@ -83,25 +84,22 @@ def main(argv=None):
     videos = jnp.asarray(rng.integers(0, 256, shape, dtype=np.uint8))
     mask = jnp.ones(shape[:2], bool)
     labels = jnp.asarray(rng.integers(0, 100, (args.batch_size,)), jnp.int32)
-    key = jax.random.key(1)
+    batch = make_batch(videos, mask, labels)
 
     models = {s: FullVideoModel(sampling=s, **common) for s in ("cluster", "uniform", "dense")}
     variables = jax.jit(
         lambda v, m: models["cluster"].init({"params": jax.random.key(0)}, v, m, train=False)
     )(videos, mask)
+    state = sgd_state(variables)
     steps, fl = {}, {}
     for name, model in models.items():
         t0 = time.time()
-        steps[name] = (
-            jax.jit(train_step_fn(model)).lower(variables, videos, mask, labels, key).compile()
-        )
+        steps[name] = jax.jit(sgd_train_step(model)).lower(state, batch).compile()
         fl[name] = flops(steps[name])
         print(f"  compiled {name} in {time.time() - t0:.1f}s", file=sys.stderr)
     raw_cluster = fl["cluster"]
     unchunked = (
-        jax.jit(train_step_fn(models["cluster"], "unchunked"))
-        .lower(variables, videos, mask, labels, key)
-        .compile()
+        jax.jit(sgd_train_step(models["cluster"], "unchunked")).lower(state, batch).compile()
     )
     stem_fwd = (
         jax.jit(
@@ -121,11 +119,11 @@ def main(argv=None):
 
     times = {name: [] for name in steps}
     for step in steps.values():  # warm-up
-        jax.block_until_ready(step(variables, videos, mask, labels, key))
+        jax.block_until_ready(step(state, batch))
     for _ in range(args.steps):
         for name, step in steps.items():
             t0 = time.perf_counter()
-            jax.block_until_ready(step(variables, videos, mask, labels, key))
+            jax.block_until_ready(step(state, batch))
             times[name].append(time.perf_counter() - t0)
     med = {name: statistics.median(ts) for name, ts in times.items()}
     accel = jax.default_backend() != "cpu"

@@ -48,7 +48,14 @@ DISTRIBUTED_MODES = ("auto", "always", "never")
 
 
 class ConfigError(ValueError):
-    """A config field has a wrong name or a bad value; the message names the field."""
+    """A config field has a wrong name or a bad value; the message names the field.
+
+    field: the field's dotted name without "config." (e.g. "model.num_clusters"), if known.
+    """
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -148,7 +155,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def _fail(field: str, message: str):
-    raise ConfigError(f"config.{field} {message}")
+    raise ConfigError(f"config.{field} {message}", field=field)
 
 
 def _check_fields(config, reference, prefix: str):
@@ -160,12 +167,14 @@ def _check_fields(config, reference, prefix: str):
         raise ConfigError(
             f"config.{prefix}{key} is not a known field{hint}; "
             f"known fields of config{('.' + prefix[:-1]) if prefix else ''}: "
-            f"{', '.join(sorted(wanted))}"
+            f"{', '.join(sorted(wanted))}",
+            field=prefix + key,
         )
     for key in sorted(wanted - given):
         raise ConfigError(
             f"config.{prefix}{key} is missing; every config must declare it "
-            "(start from fva_jax.config_lib.default_config())"
+            "(start from fva_jax.config_lib.default_config())",
+            field=prefix + key,
         )
     for key in sorted(wanted):
         ref_value = reference[key]
@@ -383,6 +392,38 @@ def validate_config(
                 field,
                 f"must be divisible by the number of processes ({process_count}), got {value}",
             )
+
+
+def check_overrides(argv, flag: str = "config") -> None:
+    """Checks the field names of command-line overrides (`--config.<group>.<field>=VALUE`, or
+    `--config.<group>.<field> VALUE`) in argv against default_config(); raises ConfigError
+    naming the flag, its value and the closest known field. ml_collections would otherwise
+    fail inside flag parsing with a long traceback."""
+    reference = default_config()
+    prefix = f"--{flag}."
+    for i, arg in enumerate(argv):
+        if not arg.startswith(prefix):
+            continue
+        name, has_value, value = arg[len(prefix) :].partition("=")
+        if not has_value:
+            value = argv[i + 1] if i + 1 < len(argv) else ""
+        node, path, parts = reference, [], name.split(".")
+        for depth, part in enumerate(parts):
+            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                group = "config" + "".join("." + p for p in path)
+                known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+                close = difflib.get_close_matches(part, known, n=1)
+                fix = (
+                    f"did you mean --{flag}.{'.'.join(path + close + parts[depth + 1 :])}={value}?"
+                    if close
+                    else f"known fields of {group}: {', '.join(known)}"
+                )
+                raise ConfigError(
+                    f"--{flag}.{name}={value}: config.{name} is not a known field; {fix}",
+                    field=name,
+                )
+            node = node[part]
+            path.append(part)
 
 
 def to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -7,18 +7,20 @@ r"""Entry point: train or evaluate a config.
   python -m fva_jax.main --config=configs/ucf101.py --workdir=/tmp/x --mode=prepare \
       --config.data.manual_dir=/data/ucf101 --config.data.data_dir=gs://BUCKET/tfds
 
-Any config field can be overridden with --config.<group>.<field>=VALUE; a misspelled field
-is rejected by ml_collections, a bad value by fva_jax.config_lib.validate_config (before any
-work). Training resumes from WORKDIR/checkpoints by itself.
+Any config field can be overridden with --config.<group>.<field>=VALUE. A misspelt field
+name (fva_jax.config_lib.check_overrides) or a bad value (config_lib.validate_config) ends the
+program before any work with one line on stderr naming the field, the value and the fix, and
+exit status 2. Training resumes from WORKDIR/checkpoints by itself.
 """
 
 import json
+import sys
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from fva_jax import config_lib, train
+from fva_jax import config_lib, distributed
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file (configs/<name>.py) with get_config().", lock_config=True
@@ -50,14 +52,45 @@ def _hide_accelerators_from_tensorflow() -> None:
     tf.config.set_visible_devices([], "TPU")
 
 
+def _exit_on_config_error(error: config_lib.ConfigError, argv) -> None:
+    """One line on stderr (no traceback) and exit status 2: a user error, not a crash."""
+    where = ""
+    if error.field:
+        flag = f"--config.{error.field}="
+        given = [a for a in argv if a.startswith(flag)]
+        where = f" (given as {given[-1]})" if given else " (set in the --config file)"
+    print(f"fva_jax.main: config error: {error}{where}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _parse_flags(argv):
+    """absl's flag parsing, after checking the names of --config.* overrides (ml_collections
+    fails on an unknown name with a long traceback)."""
+    try:
+        config_lib.check_overrides(argv[1:])
+    except config_lib.ConfigError as error:
+        print(f"fva_jax.main: config error: {error}", file=sys.stderr)
+        sys.exit(2)
+    return app.parse_flags_with_usage(argv)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
-    config = _CONFIG.value
-    # Names and values are checked before anything starts; device counts once JAX is up.
+    try:
+        _main(_CONFIG.value)
+    except config_lib.ConfigError as error:
+        _exit_on_config_error(error, sys.argv)
+
+
+def _main(config):
+    # Names and values are checked before anything starts (and before the trainer and
+    # TensorFlow are imported); device counts once JAX is up.
     config_lib.validate_config(config)
+    from fva_jax import train  # pylint: disable=g-import-not-at-top
+
     _hide_accelerators_from_tensorflow()
-    train.initialize_distributed(config.distributed)
+    distributed.initialize_distributed(config.distributed)
 
     logging.info(
         "JAX %s, process %d of %d, %d local / %d global devices: %s",
@@ -89,4 +122,4 @@ def main(argv):
 
 if __name__ == "__main__":
     jax.config.config_with_absl()
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -91,14 +91,14 @@ class Predictor:
     def __init__(self, workdir, step: int | None = None):
         import jax  # pylint: disable=g-import-not-at-top
 
-        from fva_jax import train  # pylint: disable=g-import-not-at-top
+        from fva_jax import checkpoints, steps  # pylint: disable=g-import-not-at-top
         from fva_jax.models.full_video import FullVideoModel  # pylint: disable=g-import-not-at-top
 
-        self.config, info = train.load_run_config(workdir)
+        self.config, info = checkpoints.load_run_config(workdir)
         self.class_names = list(info["class_names"])
         self.num_classes = int(info["num_classes"])
-        self.variables, self.step = train.restore_variables(workdir, step)
-        self.model = FullVideoModel(num_classes=self.num_classes, **train.model_kwargs(self.config))
+        self.variables, self.step = checkpoints.restore_variables(workdir, step)
+        self.model = FullVideoModel(num_classes=self.num_classes, **steps.model_kwargs(self.config))
         self._apply = jax.jit(functools.partial(self.model.apply, train=False))
 
     def __call__(self, path) -> dict[str, Any]:

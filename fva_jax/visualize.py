@@ -355,11 +355,11 @@ def load_checkpoint_stem(
     Reads the latest step (or ``step``) written by ``fva_jax.train``, and the model's
     configuration from the run's ``config.json``.
     """
-    from fva_jax import train
+    from fva_jax import checkpoints
     from fva_jax.models import resnet
 
-    config, _ = train.load_run_config(workdir)
-    state, step = train.restore_variables(workdir, step)
+    config, _ = checkpoints.load_run_config(workdir)
+    state, step = checkpoints.restore_variables(workdir, step)
     stem, variables, what = stem_from_config(
         config.model, state["params"], state.get("batch_stats", {})
     )

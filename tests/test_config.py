@@ -232,3 +232,56 @@ def test_main_rejects_bad_value_before_any_work(tmp_path):
     assert proc.returncode != 0
     assert "config.model.num_clusters must be >= 1, got 0" in proc.stderr
     assert not workdir.exists()  # failed before creating anything
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        (
+            "--config.model.num_clusters=0",
+            "fva_jax.main: config error: config.model.num_clusters must be >= 1, got 0 "
+            "(given as --config.model.num_clusters=0)",
+        ),
+        (
+            "--config.model.num_cluster=8",
+            "fva_jax.main: config error: --config.model.num_cluster=8: config.model.num_cluster "
+            "is not a known field; did you mean --config.model.num_clusters=8?",
+        ),
+    ],
+)
+def test_main_config_errors_are_one_line(tmp_path, override, expected):
+    """A user's config mistake ends in one line naming the field, the value and the fix, and a
+    non-zero exit status; no traceback."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fva_jax.main",
+            "--config=configs/demo.py",
+            f"--workdir={tmp_path / 'run'}",
+            override,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)},
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [expected]
+    assert not (tmp_path / "run").exists()
+
+
+def test_check_overrides_accepts_known_fields_and_names_unknown_ones():
+    config_lib.check_overrides(["--config.model.num_clusters=4", "--config.train.batch_size", "8"])
+    config_lib.check_overrides(["--workdir=/x", "--config=configs/demo.py"])
+    with pytest.raises(
+        config_lib.ConfigError,
+        match=r"--config.trian.batch_size=8: .*did you mean --config.train.batch_size=8\?",
+    ):
+        config_lib.check_overrides(["--config.trian.batch_size", "8"])
+    with pytest.raises(
+        config_lib.ConfigError,
+        match=r"config.model.zzz is not a known field; known fields of config.model: backbone",
+    ):
+        config_lib.check_overrides(["--config.model.zzz=1"])

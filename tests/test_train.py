@@ -25,7 +25,7 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
-from fva_jax import config_lib, train
+from fva_jax import checkpoints, config_lib, distributed, optim, steps, train
 from fva_jax.data import pipeline
 from fva_jax.models.full_video import FullVideoModel
 
@@ -286,7 +286,7 @@ def test_sgd_matches_pytorch_recipe():
     config.optim.grad_clip_norm = 1.0
     params = _toy_params()
     schedule = lambda step: 0.1 / (1.0 + step)  # pylint: disable=unnecessary-lambda-assignment
-    tx = train.make_optimizer(config, params, schedule)
+    tx = optim.make_optimizer(config, params, schedule)
     opt_state = tx.init(params)
     rng = np.random.default_rng(1)
     ref = jax.tree.map(lambda p: np.asarray(p, np.float64), params)
@@ -317,19 +317,19 @@ def test_classifier_name_must_match_a_module():
     config = config_lib.default_config()
     config.optim.classifier_name = "head"
     with pytest.raises(ValueError, match=r"config.optim.classifier_name='head' matches no module"):
-        train.make_optimizer(config, _toy_params(), optax.constant_schedule(0.1))
+        optim.make_optimizer(config, _toy_params(), optax.constant_schedule(0.1))
 
 
 def test_schedules():
     config = config_lib.default_config()
     config.schedule.base_lr = 0.4
     config.schedule.warmup_epochs = 1.0
-    sched = train.make_schedule(config, total_steps=50, steps_per_epoch=10)
+    sched = optim.make_schedule(config, total_steps=50, steps_per_epoch=10)
     assert [float(sched(s)) for s in (0, 5, 10)] == pytest.approx([0.0, 0.2, 0.4])
     assert float(sched(30)) == pytest.approx(0.4 * 0.5 * (1 + math.cos(math.pi * 20 / 40)))
     config.schedule.name = "step"
     config.schedule.step_epochs = (2.0, 4.0)
-    sched = train.make_schedule(config, total_steps=50, steps_per_epoch=10)
+    sched = optim.make_schedule(config, total_steps=50, steps_per_epoch=10)
     assert [float(sched(s)) for s in (15, 19, 21, 39, 41)] == pytest.approx(
         [0.4, 0.4, 0.04, 0.04, 0.004]
     )
@@ -444,10 +444,10 @@ def test_multi_host_detection(monkeypatch, env, multi_host):
         monkeypatch.delenv(var, raising=False)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    assert train._multi_host_environment() is multi_host  # pylint: disable=protected-access
+    assert distributed.multi_host_environment() is multi_host
     # Single process and "auto": jax.distributed stays off (it is not initialised here).
     if not multi_host:
-        assert train.initialize_distributed(config_lib.default_config().distributed) is False
+        assert distributed.initialize_distributed(config_lib.default_config().distributed) is False
 
 
 # ----------------------------------------------------------------------------- init_from
@@ -461,7 +461,7 @@ def _write_random_pretrained(config, out_dir, seed: int) -> dict:
 
     from fva_jax import import_weights
 
-    model = FullVideoModel(num_classes=4, **train.model_kwargs(config))
+    model = FullVideoModel(num_classes=4, **steps.model_kwargs(config))
     frames = config.model.chunk_size
     variables = model.init(
         jax.random.PRNGKey(seed),
@@ -493,14 +493,14 @@ def test_init_from_loads_weights_before_training_not_on_resume(full_run, tmp_pat
     pretrained = _write_random_pretrained(config, tmp_path / "weights", seed=7)
     config = tiny_config(config.data.data_dir, **{"train.init_from": str(tmp_path / "weights")})
     loaded = []
-    original = train._Run.load_pretrained
+    original = train.load_pretrained
 
-    def recording(self, state):
-        new = original(self, state)
+    def recording(run, state):
+        new = original(run, state)
         loaded.append(jax.device_get((new.params, new.batch_stats, new.opt_state)))
         return new
 
-    monkeypatch.setattr(train._Run, "load_pretrained", recording)
+    monkeypatch.setattr(train, "load_pretrained", recording)
 
     def stop_after_first_step(step):
         raise _Killed()
@@ -565,7 +565,7 @@ def test_cluster_timelines_written_to_tensorboard(full_run):
     # The same pictures drawn the plain way: the first eval batch through the checkpoint's model.
     state = restore_state(workdir, STEPS)
     info = pipeline.dataset_info(config.data)
-    model = FullVideoModel(num_classes=info["num_classes"], **train.model_kwargs(config))
+    model = FullVideoModel(num_classes=info["num_classes"], **steps.model_kwargs(config))
     batch = next(iter(pipeline.eval_iterator(config.data, batch_size=config.eval.batch_size)))
     logits, seg = model.apply(
         {"params": state["params"], "batch_stats": state["batch_stats"]},
@@ -688,7 +688,7 @@ def test_predict_prints_the_models_probabilities_and_segments(full_run, tmp_path
     # crop is the centre 16 px), pad to max_frames, the checkpoint's model in eval mode.
     state = restore_state(workdir, STEPS)
     info = pipeline.dataset_info(config.data)
-    model = FullVideoModel(num_classes=info["num_classes"], **train.model_kwargs(config))
+    model = FullVideoModel(num_classes=info["num_classes"], **steps.model_kwargs(config))
     for path in paths:
         frames = video_lib.decode_video(path, max_frames=config.data.max_frames)[:, 8:24, 8:24]
         n = len(frames)
@@ -732,7 +732,7 @@ def test_predict_errors_name_the_workdir_and_the_video(full_run, tmp_path):
 
     empty = tmp_path / "no_ckpt"
     empty.mkdir()
-    for name in (train.CONFIG_FILE, train.DATASET_INFO_FILE):
+    for name in (checkpoints.CONFIG_FILE, checkpoints.DATASET_INFO_FILE):
         shutil.copy(workdir / name, empty / name)
     with pytest.raises(SystemExit, match="no checkpoints in .*no_ckpt/checkpoints"):
         predict.main([f"--workdir={empty}", "x.mp4"])

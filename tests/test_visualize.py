@@ -9,7 +9,7 @@ import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
-from fva_jax import clustering, config_lib, train
+from fva_jax import checkpoints, clustering, config_lib, steps
 from fva_jax import visualize as vis
 from fva_jax.data import video as video_lib
 from fva_jax.models import full_video, resnet
@@ -166,7 +166,7 @@ def test_stem_follows_the_run_config():
         config = _model_config(
             backbone=backbone, width=width, num_clusters=2, cluster_point=point, chunk_size=2
         )
-        model = full_video.FullVideoModel(num_classes=3, **train.model_kwargs(config))
+        model = full_video.FullVideoModel(num_classes=3, **steps.model_kwargs(config))
         shapes = jax.eval_shape(
             lambda m=model: m.init(
                 jax.random.PRNGKey(0),
@@ -220,8 +220,8 @@ def test_workdir_checkpoint_stem_gives_the_models_segments(tmp_path, cut_video):
         backbone="resnet18", width=8, num_clusters=3, cluster_method="cumulative", chunk_size=8
     )
     (tmp_path / "run").mkdir()
-    (tmp_path / "run" / train.CONFIG_FILE).write_text(json.dumps(config_lib.to_dict(config)))
-    (tmp_path / "run" / train.DATASET_INFO_FILE).write_text("{}")
+    (tmp_path / "run" / checkpoints.CONFIG_FILE).write_text(json.dumps(config_lib.to_dict(config)))
+    (tmp_path / "run" / checkpoints.DATASET_INFO_FILE).write_text("{}")
     mngr = ocp.CheckpointManager(tmp_path / "run" / "checkpoints")
     state = {
         "step": np.int32(5),
@@ -283,7 +283,7 @@ def test_workdir_checkpoint_stem_gives_the_models_segments(tmp_path, cut_video):
         vis.main([str(path), "--out", str(tmp_path / "d.png"), "--workdir", str(tmp_path / "none")])
     no_checkpoints = tmp_path / "no_checkpoints"
     no_checkpoints.mkdir()
-    for name in (train.CONFIG_FILE, train.DATASET_INFO_FILE):
+    for name in (checkpoints.CONFIG_FILE, checkpoints.DATASET_INFO_FILE):
         (no_checkpoints / name).write_text((tmp_path / "run" / name).read_text())
     with pytest.raises(SystemExit, match="no checkpoints in"):
         vis.main([str(path), "--out", str(tmp_path / "d.png"), "--workdir", str(no_checkpoints)])
