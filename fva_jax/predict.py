@@ -4,16 +4,24 @@ r"""Classify video files with a trained run: top-5 classes and the segments the 
 
 Loads the latest checkpoint of WORKDIR (or --step), the config and class names the trainer
 saved there (config.json, dataset_info.json), decodes each video with the run's evaluation
-preprocessing (frame stride, cap at max_frames, TSN centre crop: the shorter side scaled to
-data.resize_short and the centre crop_size square) and runs FullVideoModel in eval mode on
-all its frames. For each video it prints the top-5 classes with their probabilities and the
-segments (clusters, or the sampled frames for sampling="uniform"/"dense"): first and last
-source frame and the number of frames.
+crop (TSN centre crop: the shorter side scaled to data.resize_short and the centre crop_size
+square) and runs FullVideoModel in eval mode on all its frames.
+
+Every frame of the video is used, whatever data.frame_stride or data.max_frames the run was
+trained with; only --stride / --max-frames drop frames. For each video it prints how many
+frames it used out of how many the video has ("250 of 250 frames"; with a flag, which flag
+dropped how many), the top-5 classes with their probabilities and the segments (clusters, or
+the sampled frames for sampling="uniform"/"dense"): first and last source frame and the
+number of frames.
+
+Each video is padded to a multiple of model.chunk_size frames (the padding masked out), so
+videos of similar length share one compiled program.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import pathlib
 import sys
@@ -25,52 +33,85 @@ import numpy as np
 # default); decoding at the same size makes predictions see what evaluation saw.
 STORED_SHORT_SIDE = 256
 
+# Frames cropped and resized per call of the (compiled) resize: bounds its float32 copy of a
+# long video to one chunk.
+CROP_CHUNK = 64
+
 
 def eval_preprocess(frames: np.ndarray, data_config) -> np.ndarray:
-    """The evaluation crop of fva_jax.data.pipeline.preprocess(train=False), without TensorFlow.
+    """The evaluation crop of the data pipeline (train=False), without TensorFlow.
 
     Args:
-      frames: uint8 (T, H, W, 3), already strided and capped.
+      frames: uint8 (T, H, W, 3), the frames to classify.
       data_config: config.data (resize_short, crop_size).
 
     Returns:
       uint8 (T, crop_size, crop_size, 3): the centre square of side
       round(min(H, W) * crop_size / resize_short), resized to crop_size with the same
       antialiased bilinear filter as tf.image.resize(antialias=True) (no resize when it already
-      has that size).
+      has that size). Resized CROP_CHUNK frames at a time (each frame on its own), so memory
+      beyond the input and output stays one chunk's.
     """
-    import jax  # pylint: disable=g-import-not-at-top
-    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-
     frames = np.asarray(frames)
-    _, h, w, _ = frames.shape
+    t, h, w, _ = frames.shape
     size = int(data_config.crop_size)
-    # Same rounding as pipeline._crop_window: tf.round is round-half-to-even, like np.round.
+    # Same rounding as the pipeline's crop window: round-half-to-even, like np.round.
     c = int(np.round(min(h, w) * size / data_config.resize_short))
     c = min(max(c, 1), h, w)
     y, x = (h - c) // 2, (w - c) // 2
     crop = frames[:, y : y + c, x : x + c]
     if c == size:
         return np.ascontiguousarray(crop)
-    resized = jax.image.resize(
-        jnp.asarray(crop, jnp.float32), (len(crop), size, size, 3), method="linear", antialias=True
-    )
-    return np.asarray(jnp.clip(jnp.round(resized), 0, 255)).astype(np.uint8)
+    resize = _resize_fn(size)
+    out = np.empty((t, size, size, 3), np.uint8)
+    for start in range(0, t, CROP_CHUNK):
+        part = crop[start : start + CROP_CHUNK]
+        n = len(part)
+        if n < CROP_CHUNK:  # one shape for every chunk: the last one zero-padded
+            part = np.concatenate([part, np.zeros((CROP_CHUNK - n,) + part.shape[1:], np.uint8)])
+        out[start : start + n] = np.asarray(resize(part))[:n]
+    return out
 
 
-def load_video(path, data_config) -> np.ndarray:
-    """uint8 (T, crop, crop, 3) evaluation frames of a video file or frame folder; raises
+@functools.lru_cache(maxsize=None)
+def _resize_fn(size: int):
+    """Compiled uint8 (n, c, c, 3) -> uint8 (n, size, size, 3) antialiased bilinear resize."""
+    import jax  # pylint: disable=g-import-not-at-top
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+    def resize(crop):
+        resized = jax.image.resize(
+            crop.astype(jnp.float32),
+            (crop.shape[0], size, size, 3),
+            method="linear",
+            antialias=True,
+        )
+        return jnp.clip(jnp.round(resized), 0, 255).astype(jnp.uint8)
+
+    return jax.jit(resize)
+
+
+def load_video(path, data_config, *, stride: int = 1, max_frames: int | None = None):
+    """UserVideo (fva_jax.user_video) whose frames are the uint8 (used, crop, crop, 3)
+    evaluation frames of a video file or frame folder: every frame unless `stride` /
+    `max_frames` (the user's flags, not the run's config) say otherwise. Raises
     fva_jax.data.video.VideoDecodeError naming the file."""
-    from fva_jax.data import video as video_lib  # pylint: disable=g-import-not-at-top
+    from fva_jax import user_video  # pylint: disable=g-import-not-at-top
 
-    frames = video_lib.decode_video(
+    video = user_video.read(
         path,
-        stride=data_config.frame_stride,
-        max_frames=data_config.max_frames,
+        stride=stride,
+        max_frames=max_frames,
         resize=max(STORED_SHORT_SIDE, data_config.resize_short),
         shrink_only=True,
     )
-    return eval_preprocess(frames, data_config)
+    return dataclasses.replace(video, frames=eval_preprocess(video.frames, data_config))
+
+
+def padded_length(num_frames: int, chunk_size: int) -> int:
+    """num_frames rounded up to a multiple of chunk_size: few distinct compiled shapes, and
+    less than one chunk of padding."""
+    return -(-num_frames // chunk_size) * chunk_size
 
 
 def segments(segment_ids: np.ndarray, stride: int = 1) -> list[tuple[int, int, int, int]]:
@@ -101,17 +142,21 @@ class Predictor:
         self.model = FullVideoModel(num_classes=self.num_classes, **steps.model_kwargs(self.config))
         self._apply = jax.jit(functools.partial(self.model.apply, train=False))
 
-    def __call__(self, path) -> dict[str, Any]:
-        """dict(path, frames=T, probabilities float32 (num_classes,), top=[(class, prob)] (5),
-        segment_ids int32 (T,), segments=[(id, first, last, size)] in source frame numbers)."""
-        d = self.config.data
-        frames = load_video(path, d)
-        n = len(frames)
-        # Padded to max_frames like evaluation batches: one compiled program for every video.
-        video = np.zeros((1, d.max_frames) + frames.shape[1:], np.uint8)
-        video[0, :n] = frames
-        mask = np.arange(d.max_frames)[None] < n
-        logits, segment_ids = self._apply(self.variables, video, mask)
+    def __call__(self, path, *, stride: int = 1, max_frames: int | None = None) -> dict[str, Any]:
+        """Classifies every frame of a video (or every `stride`-th, at most `max_frames`).
+
+        Returns dict(path, frames=T used, total_frames=frames in the video, stride,
+        description="T of M frames ...", probabilities float32 (num_classes,),
+        top=[(class, prob)] (5), segment_ids int32 (T,), segments=[(id, first, last, size)]
+        in source frame numbers).
+        """
+        video = load_video(path, self.config.data, stride=stride, max_frames=max_frames)
+        frames, n = video.frames, video.used
+        length = padded_length(n, self.config.model.chunk_size)
+        padded = np.zeros((1, length) + frames.shape[1:], np.uint8)
+        padded[0, :n] = frames
+        mask = np.arange(length)[None] < n
+        logits, segment_ids = self._apply(self.variables, padded, mask)
         logits = np.asarray(logits[0], np.float64)
         probs = np.exp(logits - logits.max())
         probs /= probs.sum()
@@ -120,10 +165,14 @@ class Predictor:
         return {
             "path": str(path),
             "frames": n,
+            "total_frames": video.total,
+            "stride": video.stride,
+            "description": video.describe(),
+            "logits": logits.astype(np.float32),
             "probabilities": probs.astype(np.float32),
             "top": [(self.class_name(i), float(probs[i])) for i in order],
             "segment_ids": ids,
-            "segments": segments(ids, d.frame_stride),
+            "segments": segments(ids, video.stride),
         }
 
     def class_name(self, index: int) -> str:
@@ -133,11 +182,28 @@ class Predictor:
 def format_result(result: dict[str, Any], config) -> str:
     m = config.model
     how = f"{m.cluster_method} clustering" if m.sampling == "cluster" else f"{m.sampling} sampling"
-    lines = [f"{result['path']}: {result['frames']} frames"]
+    lines = [f"{result['path']}: {result['description']}"]
     lines += [f"  {p:.4f}  {name}" for name, p in result["top"]]
     lines.append(f"  segments ({how}, K={m.num_clusters}; first-last source frame, size):")
     lines += [f"    #{k}: {first}-{last} ({size})" for k, first, last, size in result["segments"]]
     return "\n".join(lines)
+
+
+def training_frames_note(data_config) -> str:
+    """A note for runs trained on strided or capped clips: their stride and cap do not apply
+    here (a model trained on every 2nd frame sees faster motion than predict gives it); empty
+    for runs trained on every frame."""
+    dropped = []
+    if data_config.frame_stride > 1:
+        dropped.append(f"data.frame_stride {data_config.frame_stride}")
+    if data_config.max_frames > 0:
+        dropped.append(f"data.max_frames {data_config.max_frames}")
+    if not dropped:
+        return ""
+    return (
+        f" (trained with {', '.join(dropped)}; predict uses every frame unless --stride / "
+        "--max-frames)"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
@@ -149,7 +215,23 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("videos", nargs="+", help="video files or folders of frames")
     parser.add_argument("--workdir", required=True, help="a training run (fva_jax.main --workdir)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    parser.add_argument(
+        "--stride",
+        type=int,
+        default=1,
+        help="use every n-th frame (default 1: every frame, whatever the run trained on)",
+    )
+    parser.add_argument(
+        "--max-frames",
+        type=int,
+        default=None,
+        help="use at most N frames (after --stride; default: no cap)",
+    )
     args = parser.parse_args(argv)
+    if args.stride < 1:
+        parser.error(f"--stride must be >= 1, got {args.stride}")
+    if args.max_frames is not None and args.max_frames < 1:
+        parser.error(f"--max-frames must be >= 1, got {args.max_frames}")
 
     from fva_jax.data import video as video_lib  # pylint: disable=g-import-not-at-top
 
@@ -158,13 +240,14 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"predict: {err}") from None
     print(
-        f"{args.workdir}: checkpoint step {predictor.step}, {predictor.num_classes} classes",
+        f"{args.workdir}: checkpoint step {predictor.step}, {predictor.num_classes} classes"
+        f"{training_frames_note(predictor.config.data)}",
         flush=True,
     )
     results = []
     for path in args.videos:
         try:
-            result = predictor(pathlib.Path(path))
+            result = predictor(pathlib.Path(path), stride=args.stride, max_frames=args.max_frames)
         except video_lib.VideoDecodeError as err:
             raise SystemExit(f"predict: {err}") from None
         print(format_result(result, predictor.config), flush=True)

@@ -9,6 +9,10 @@ in the colour of its frame's cluster and centred on its frame), the windowed Ham
 distance d[t] between the sign bits of frame t and the next frames with the segments as
 coloured bands and the boundaries as vertical lines, and a band of one colour per segment.
 
+Every frame of the video is used unless ``--stride`` / ``--max-frames`` say otherwise (with
+``--workdir`` too: the run's training stride and cap do not apply); the printed line says how
+many frames were used out of how many the video has, and which flag dropped the rest.
+
 Features: without ``--workdir``, the fixed random-weight conv features of
 ``fva_jax.clustering_demo`` (no training needed); with ``--workdir``, the stem (conv1 ...
 cluster point, running BatchNorm statistics) of the latest checkpoint of a run trained by
@@ -28,6 +32,8 @@ import sys
 from typing import Any, Callable, Sequence
 
 import numpy as np
+
+from fva_jax import user_video
 
 # 20 well-separated colours (matplotlib's tab20 reordered so that consecutive ids contrast:
 # dark shades first, then their light partners). Segment k gets PALETTE[k % 20].
@@ -415,9 +421,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     args = parse_args(argv)
     try:
-        frames = video_lib.decode_video(
+        # Every frame unless --stride / --max-frames, even with --workdir: a run's training
+        # stride and cap (data.frame_stride, data.max_frames) do not apply to the user's video.
+        video = user_video.read(
             args.video, stride=args.stride, max_frames=args.max_frames, resize=args.resize
         )
+        frames = video.frames
     except video_lib.VideoDecodeError as err:
         raise SystemExit(f"visualize: {err}") from None
     if args.workdir:
@@ -447,14 +456,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         title=title,
         width=args.width,
         num_thumbnails=args.thumbnails,
-        frame_numbers=np.arange(len(frames)) * args.stride,
+        frame_numbers=video.frame_numbers,
     )
     out = save_png(image, args.out)
     print(
-        f"{args.video}: {len(frames)} frames, {len(np.unique(ids))} segments ({what}) -> {out} "
+        f"{args.video}: {video.describe()}, {len(np.unique(ids))} segments ({what}) -> {out} "
         f"({image.shape[1]}x{image.shape[0]})"
     )
-    return {"out": out, "segment_ids": ids, "distances": distances, "frames": len(frames)}
+    return {
+        "out": out,
+        "segment_ids": ids,
+        "distances": distances,
+        "frames": video.used,
+        "total_frames": video.total,  # frames in the video; "frames": those used
+    }
 
 
 if __name__ == "__main__":

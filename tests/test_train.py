@@ -665,7 +665,7 @@ def _parse_predict_output(text: str):
     output."""
     out, current = {}, None
     for line in text.splitlines():
-        if m := re.fullmatch(r"(\S+): (\d+) frames", line):
+        if m := re.fullmatch(r"(\S+): (\d+) of \d+ frames", line):
             current = out.setdefault(m.group(1), ({}, []))
         elif m := re.fullmatch(r"  (\d\.\d{4})  (\S+)", line):
             current[0][m.group(2)] = float(m.group(1))
@@ -685,19 +685,17 @@ def test_predict_prints_the_models_probabilities_and_segments(full_run, tmp_path
     assert sorted(printed) == sorted(map(str, paths))
 
     # The plain computation: decode, centre crop (resize_short 32 = the stored size, so the
-    # crop is the centre 16 px), pad to max_frames, the checkpoint's model in eval mode.
+    # crop is the centre 16 px), every frame unpadded, the checkpoint's model in eval mode.
     state = restore_state(workdir, STEPS)
     info = pipeline.dataset_info(config.data)
     model = FullVideoModel(num_classes=info["num_classes"], **steps.model_kwargs(config))
     for path in paths:
-        frames = video_lib.decode_video(path, max_frames=config.data.max_frames)[:, 8:24, 8:24]
+        frames = video_lib.decode_video(path)[:, 8:24, 8:24]
         n = len(frames)
-        video = np.zeros((1, config.data.max_frames, 16, 16, 3), np.uint8)
-        video[0, :n] = frames
         logits, seg = model.apply(
             {"params": state["params"], "batch_stats": state["batch_stats"]},
-            video,
-            np.arange(config.data.max_frames)[None] < n,
+            frames[None],
+            np.ones((1, n), bool),
             train=False,
         )
         z = np.asarray(logits[0], np.float64)

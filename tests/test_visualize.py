@@ -125,7 +125,7 @@ def cut_video(tmp_path_factory):
     return path, np.repeat(np.arange(3), lengths)
 
 
-def test_cli_finds_planted_cuts_and_draws_them(tmp_path, cut_video):
+def test_cli_finds_planted_cuts_and_draws_them(tmp_path, cut_video, capsys):
     path, want = cut_video
     out = tmp_path / "clusters.png"
     result = vis.main(
@@ -144,10 +144,21 @@ def test_cli_finds_planted_cuts_and_draws_them(tmp_path, cut_video):
         ]
     )
     np.testing.assert_array_equal(result["segment_ids"], want)
+    assert capsys.readouterr().out.startswith(f"{path}: 36 of 36 frames, 3 segments")
     image = np.asarray(Image.open(out).convert("RGB"))
     layout = vis.timeline_layout(len(want), (32, 48), width=700)
     assert image.shape == (layout.height, 700, 3)
     _check_band(image, layout, want, 3)
+
+
+def test_cli_flags_drop_frames_and_say_how_many(tmp_path, cut_video, capsys):
+    path, _ = cut_video
+    args = [str(path), "--out", str(tmp_path / "c.png"), "--num-clusters", "2", "--resize", "32"]
+    result = vis.main(args + ["--stride", "3", "--max-frames", "5"])
+    assert (result["frames"], result["total_frames"]) == (5, 36)
+    assert len(result["segment_ids"]) == 5
+    out = capsys.readouterr().out
+    assert out.startswith(f"{path}: 5 of 36 frames (--stride 3 --max-frames 5 dropped 31), ")
 
 
 def test_cli_errors(tmp_path):
@@ -219,6 +230,8 @@ def test_workdir_checkpoint_stem_gives_the_models_segments(tmp_path, cut_video):
     config = _model_config(
         backbone="resnet18", width=8, num_clusters=3, cluster_method="cumulative", chunk_size=8
     )
+    # Trained on capped, strided clips: the tool still uses every frame of the user's video.
+    config.data.update(max_frames=16, frame_stride=2)
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / checkpoints.CONFIG_FILE).write_text(json.dumps(config_lib.to_dict(config)))
     (tmp_path / "run" / checkpoints.DATASET_INFO_FILE).write_text("{}")
@@ -255,6 +268,7 @@ def test_workdir_checkpoint_stem_gives_the_models_segments(tmp_path, cut_video):
         variables
     )
     np.testing.assert_array_equal(result["segment_ids"], np.asarray(want)[0])
+    assert result["frames"] == result["total_frames"] == len(frames) == 36
     # Distances: the model's own stem (bound inside FullVideoModel) on all frames at once.
     feats = model.apply(
         variables,
