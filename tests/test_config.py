@@ -232,3 +232,32 @@ def test_main_rejects_bad_value_before_any_work(tmp_path):
     assert proc.returncode != 0
     assert "config.model.num_clusters must be >= 1, got 0" in proc.stderr
     assert not workdir.exists()  # failed before creating anything
+
+
+def test_name_lists_have_one_source():
+    """Each field's names come from the module that implements them (the same object), and the
+    data set names equal the registered builders."""
+    from fva_jax import clustering
+    from fva_jax.data import builders
+    from fva_jax.models import full_video, resnet
+
+    names = config_lib.allowed_names()
+    assert names["model.backbone"] is resnet.BACKBONES
+    assert names["model.cluster_point"] is resnet.CLUSTER_POINTS
+    assert names["model.sampling"] is full_video.SAMPLINGS
+    assert names["model.cluster_method"] is clustering.METHODS
+    assert set(names["data.name"]) == set(builders.BUILDERS)
+    for backbone in resnet.BACKBONES:  # every listed backbone is one the model builds
+        assert f"resnet{resnet.depth_of(backbone)}" == backbone
+
+
+@pytest.mark.parametrize("field", sorted(config_lib.allowed_names()))
+def test_validation_accepts_exactly_the_listed_names(field):
+    """Every listed name validates; anything else is rejected with the list in the message."""
+    choices = config_lib.allowed_names()[field]
+    for value in choices:
+        config_lib.validate_config(_with(field, value))
+    with pytest.raises(config_lib.ConfigError) as e:
+        config_lib.validate_config(_with(field, "no_such_name"))
+    listed = ", ".join(map(repr, choices))
+    assert f"config.{field} must be one of {listed}, got 'no_such_name'" in str(e.value)

@@ -234,12 +234,7 @@ class FullVideoModel(nn.Module):
         d = jnp.concatenate([jnp.moveaxis(ds, 0, 1).reshape(b, n_chunks * c), d_tail], axis=1)[
             :, w : w + t
         ]
-        segment = (
-            clustering.cumulative_segments
-            if self.cluster_method == "cumulative"
-            else clustering.slope_segments
-        )
-        seg = segment(d, k, mask)  # (B, T); padding has id K
+        seg = clustering.segmenter(self.cluster_method)(d, k, mask)  # (B, T); padding has id K
 
         # ---- pass 2: per-segment sums, one rematerialised chunk at a time.
         # segment_sum is vmapped over the batch (a scatter with a batch dimension) so that a

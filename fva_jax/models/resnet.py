@@ -46,6 +46,7 @@ import jax.numpy as jnp
 CLUSTER_POINTS = ("maxpool", "stage1", "stage2")
 # depth -> (block kind, blocks per stage)
 _ARCHS = {18: ("basic", (2, 2, 2, 2)), 50: ("bottleneck", (3, 4, 6, 3))}
+BACKBONES = tuple(f"resnet{depth}" for depth in _ARCHS)  # the names `depth_of` accepts
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -55,10 +56,9 @@ _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 def depth_of(backbone: str) -> int:
     """ "resnet18" -> 18, "resnet50" -> 50; clear error otherwise."""
-    depths = {f"resnet{d}": d for d in _ARCHS}
-    if backbone not in depths:
-        raise ValueError(f"backbone={backbone!r} is not supported; use one of {sorted(depths)}")
-    return depths[backbone]
+    if backbone not in BACKBONES:
+        raise ValueError(f"backbone={backbone!r} is not supported; use one of {BACKBONES}")
+    return int(backbone.removeprefix("resnet"))
 
 
 def normalize_images(images: jnp.ndarray, dtype: Any = jnp.float32) -> jnp.ndarray:
@@ -312,6 +312,7 @@ class ResNet(nn.Module):
 
 
 __all__: Sequence[str] = (
+    "BACKBONES",
     "CLUSTER_POINTS",
     "ResNet",
     "ResNetStem",
