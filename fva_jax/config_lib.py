@@ -69,6 +69,7 @@ def allowed_names() -> dict[str, tuple[str, ...]]:
         "model.cluster_method": clustering.METHODS,
         "model.cluster_point": resnet.CLUSTER_POINTS,
         "model.dtype": DTYPES,
+        "model.plan": full_video.PLANS,
     }
 
 
@@ -109,6 +110,14 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.dense_stride = 2
     c.model.dropout_rate = 0.8
     c.model.dtype = "float32"  # compute dtype ("float32" | "bfloat16"); params stay float32
+    # How sampling="cluster" keeps activations for the backward pass (fva_jax/models/plans.py):
+    # "auto" = per batch shape the fastest that fits model.activation_budget_mb; "unchunked"
+    # (all kept, memory O(T)), "keep_stem" (stem outputs kept), "recompute" (memory flat in T).
+    c.model.plan = "auto"
+    # Activation memory per device for plan="auto", in MiB; -1 = 0.6 of the memory the device
+    # reports (GPU/TPU), or 2048 where it reports none (CPU). data.frames_per_device sets how
+    # many frames a device holds per step, so together they decide which plan a bucket gets.
+    c.model.activation_budget_mb = -1.0
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 16  # global batch over all devices of all hosts
@@ -315,6 +324,13 @@ def validate_config(
     _int_at_least(config, "model.dense_stride", 1)
     _num_in(config, "model.dropout_rate", 0.0, 1.0, high_open=True)
     _one_of(config, "model.dtype", names["model.dtype"])
+    _one_of(config, "model.plan", names["model.plan"])
+    budget = config.model.activation_budget_mb
+    if not _is_num(budget) or not (budget == -1 or budget > 0):
+        _fail(
+            "model.activation_budget_mb",
+            f"must be a number of MiB > 0, or -1 for the device's memory; got {budget!r}",
+        )
 
     # Training length and batch.
     _int_at_least(config, "train.batch_size", 1)

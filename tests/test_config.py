@@ -108,6 +108,18 @@ def _with(field: str, value):
         ("model.dropout_rate", 1.0, "config.model.dropout_rate must be in [0.0, 1.0), got 1.0"),
         ("model.window", 0, "config.model.window must be >= 1, got 0"),
         (
+            "model.plan",
+            "fast",
+            "config.model.plan must be one of 'auto', 'unchunked', 'keep_stem', 'recompute', "
+            "got 'fast'",
+        ),
+        (
+            "model.activation_budget_mb",
+            0,
+            "config.model.activation_budget_mb must be a number of MiB > 0, or -1 for the "
+            "device's memory; got 0",
+        ),
+        (
             "data.crop_size",
             300,
             "config.data.resize_short must be >= config.data.crop_size (300), got 256",
@@ -246,6 +258,7 @@ def test_name_lists_have_one_source():
     assert names["model.cluster_point"] is resnet.CLUSTER_POINTS
     assert names["model.sampling"] is full_video.SAMPLINGS
     assert names["model.cluster_method"] is clustering.METHODS
+    assert names["model.plan"] is full_video.PLANS
     assert set(names["data.name"]) == set(builders.BUILDERS)
     for backbone in resnet.BACKBONES:  # every listed backbone is one the model builds
         assert f"resnet{resnet.depth_of(backbone)}" == backbone
@@ -261,3 +274,18 @@ def test_validation_accepts_exactly_the_listed_names(field):
         config_lib.validate_config(_with(field, "no_such_name"))
     listed = ", ".join(map(repr, choices))
     assert f"config.{field} must be one of {listed}, got 'no_such_name'" in str(e.value)
+
+
+def test_model_fields_are_the_model_constructor_arguments():
+    """config.model holds exactly FullVideoModel's fields but num_classes (the trainer passes
+    it as keyword arguments), with the model's own defaults where the recipe keeps them."""
+    import dataclasses
+
+    from fva_jax.models.full_video import FullVideoModel
+
+    fields = {f.name for f in dataclasses.fields(FullVideoModel)} - {"parent", "name"}
+    config = config_lib.default_config()
+    assert set(config.model) == fields - {"num_classes"}
+    defaults = {f.name: f.default for f in dataclasses.fields(FullVideoModel)}
+    assert config.model.plan == defaults["plan"] == "auto"
+    assert config.model.activation_budget_mb == defaults["activation_budget_mb"] == -1
