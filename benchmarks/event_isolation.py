@@ -21,7 +21,7 @@ import json
 import jax.numpy as jnp
 import numpy as np
 
-from fva_jax import checkpoints, clustering, clustering_demo, predict, visualize
+from fva_jax import checkpoints, clustering, clustering_tools, predict, visualize
 from fva_jax.data import sparse_events
 
 
@@ -48,13 +48,12 @@ def main() -> None:
     # sparse_events/small, as configs/demo.py trains on
     spec = sparse_events.SparseEventsSpec(num_train=256, num_test=64, min_frames=48, max_frames=128)
 
-    segmenters = {"cumulative": clustering.cumulative_segments, "slope": clustering.slope_segments}
-    purity = {m: [] for m in segmenters}
+    purity = {m: [] for m in clustering.METHODS}
     ratios = []
     for i in range(args.videos):
         v = sparse_events.make_video(spec, "test", i)
         frames = predict.eval_preprocess(v["video"], data_config) if data_config else v["video"]
-        bits, num_features = clustering_demo.chunked_bits(features, frames)
+        bits, num_features = clustering_tools.chunked_sign_bits(features, frames)
         d = np.asarray(clustering.hamming_distances(jnp.asarray(bits), num_features=num_features))
         start, n = v["event_start"], spec.event_frames
         onset = (
@@ -62,7 +61,7 @@ def main() -> None:
         )  # the jump into (or out of) the event
         ratios.append(onset / max(np.median(d), 1e-9))
         for m in purity:
-            seg = np.asarray(segmenters[m](jnp.asarray(d), args.num_clusters))
+            seg = np.asarray(clustering.segmenter(m)(jnp.asarray(d), args.num_clusters))
             purity[m].append(event_purity(seg, start, n))
 
     print(f"{what}; {args.videos} test videos of sparse_events/small, K={args.num_clusters}")

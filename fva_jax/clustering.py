@@ -9,6 +9,7 @@ and (for `aggregate`) `jax.grad`.
     d    = hamming_distances(bits, window=1, mask=None)   # (..., T) float32 in [0, 1]
     seg  = cumulative_segments(d, num_clusters, mask)     # (..., T) int32
     seg  = slope_segments(d, num_clusters, mask)          # (..., T) int32
+    seg  = SEGMENTERS[method](d, num_clusters, mask)      # either one, by name (METHODS)
     seg  = cluster(x, num_clusters, method, window, mask) # the three steps above in one call
     agg, counts = aggregate(x, seg, num_clusters, mask)   # (..., K, *feat), (..., K) int32
 
@@ -38,6 +39,8 @@ import numpy as np
 
 __all__ = [
     "METHODS",
+    "SEGMENTERS",
+    "segmenter",
     "sign_bits",
     "hamming_distances",
     "cumulative_segments",
@@ -45,8 +48,6 @@ __all__ = [
     "cluster",
     "aggregate",
 ]
-
-METHODS = ("cumulative", "slope")
 
 
 # ---------------------------------------------------------------------------
@@ -321,6 +322,19 @@ def _slope(d: jax.Array, mask: Any, k: int) -> jax.Array:
     return jnp.where(valid, after, k).astype(jnp.int32)
 
 
+# The one table from a method name to its segmentation; every caller that picks a
+# segmentation by name (the model, the tools, the config's validation) goes through it.
+SEGMENTERS = {"cumulative": cumulative_segments, "slope": slope_segments}
+METHODS = tuple(SEGMENTERS)
+
+
+def segmenter(method: str):
+    """The segmentation function named `method` (a key of SEGMENTERS), or ValueError."""
+    if method not in SEGMENTERS:
+        raise ValueError(f"Unknown clustering method {method!r}; choose one of {METHODS}.")
+    return SEGMENTERS[method]
+
+
 def cluster(
     x: jax.Array,
     num_clusters: int,
@@ -340,8 +354,7 @@ def cluster(
     Returns:
       (..., T) int32 segment ids (see `cumulative_segments`, `slope_segments`).
     """
-    if method not in METHODS:
-        raise ValueError(f"Unknown clustering method {method!r}; choose one of {METHODS}.")
+    segment = segmenter(method)
     x = jnp.asarray(x)
     if x.ndim < 2:
         raise ValueError(f"cluster needs x of shape (..., T, F), got {x.shape}.")
@@ -349,7 +362,6 @@ def cluster(
     _static_int(window, "window", 1)
     _check_mask(mask, x.shape[:-1], f"x of shape {x.shape}")
     d = hamming_distances(sign_bits(x), window, mask, num_features=x.shape[-1])
-    segment = cumulative_segments if method == "cumulative" else slope_segments
     return segment(d, num_clusters, mask)
 
 

@@ -17,13 +17,14 @@ from __future__ import annotations
 import argparse
 import pathlib
 import sys
-from typing import Callable, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from fva_jax import clustering
+from fva_jax.clustering_tools import chunked_sign_bits, segments_of
 from fva_jax.data import video as video_lib
 
 # ImageNet statistics: centre the pixels so the random filters see both signs.
@@ -54,40 +55,11 @@ def random_features(frames: jax.Array, *, seed: int = 0, channels: int = 32) -> 
     return jax.nn.relu(y).reshape(frames.shape[0], -1)
 
 
-def chunked_bits(
-    feature_fn: Callable, frames: np.ndarray, chunk_size: int = 32
-) -> tuple[np.ndarray, int]:
-    """Sign bits of ``feature_fn`` (uint8 (n, H, W, 3) -> float (n, F)) over a video, chunk by
-    chunk (bounded memory; one jitted shape for every chunk, the last one zero-padded).
-
-    Returns:
-      (bits uint8 (T, ceil(F/8)), F).
-    """
-    fn = jax.jit(lambda chunk: clustering.sign_bits(feature_fn(chunk)))
-    t = frames.shape[0]
-    c = min(chunk_size, t)
-    padded = np.concatenate([frames, np.zeros(((-t) % c,) + frames.shape[1:], frames.dtype)])
-    bits = np.concatenate([np.asarray(fn(padded[i : i + c])) for i in range(0, len(padded), c)])[:t]
-    num_features = jax.eval_shape(
-        feature_fn, jax.ShapeDtypeStruct((1,) + frames.shape[1:], jnp.uint8)
-    ).shape[-1]
-    return bits, int(num_features)
-
-
 def video_bits(
     frames: np.ndarray, *, chunk_size: int = 32, seed: int = 0
 ) -> tuple[np.ndarray, int]:
-    """Sign bits of the random features (`chunked_bits` of `random_features`)."""
-    return chunked_bits(lambda chunk: random_features(chunk, seed=seed), frames, chunk_size)
-
-
-def segments_of(ids: np.ndarray) -> list[tuple[int, int, int]]:
-    """(first, last, size) per segment of non-decreasing contiguous ids (indices into ids)."""
-    out = []
-    for k in np.unique(ids):
-        where = np.flatnonzero(ids == k)
-        out.append((int(where[0]), int(where[-1]), int(where.size)))
-    return out
+    """Sign bits of the random features (`chunked_sign_bits` of `random_features`)."""
+    return chunked_sign_bits(lambda chunk: random_features(chunk, seed=seed), frames, chunk_size)
 
 
 def add_clustering_arguments(parser: argparse.ArgumentParser) -> None:
@@ -154,10 +126,7 @@ def main(argv: Sequence[str] | None = None) -> list[tuple[int, int, int]]:
 
     bits, num_features = video_bits(frames, chunk_size=args.chunk_size, seed=args.seed)
     distances = clustering.hamming_distances(bits, args.window, num_features=num_features)
-    segment = (
-        clustering.cumulative_segments if args.method == "cumulative" else clustering.slope_segments
-    )
-    ids = np.asarray(segment(distances, args.num_clusters))
+    ids = np.asarray(clustering.segmenter(args.method)(distances, args.num_clusters))
 
     t, h, w, _ = frames.shape
     print(

@@ -18,6 +18,11 @@ Layout (all fields, see `default_config` for meanings):
   config.distributed.*   multi-host initialisation (jax.distributed)
 
 This module imports only ml_collections and the standard library, so configs load fast.
+The names a field may take are defined once, where they are implemented: backbones and
+cluster points in `fva_jax.models.resnet`, samplings and memory plans in
+`fva_jax.models.full_video`, clustering methods in `fva_jax.clustering.SEGMENTERS`;
+`validate_config` imports them when it runs (`allowed_names()`). Data set names stay here
+(`DATASETS`): their builders need TensorFlow Datasets, and a test keeps the two equal.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from typing import Any
 
 import ml_collections
 
+# The registered names of fva_jax.data.builders.BUILDERS (tests/test_config.py keeps them equal).
 DATASETS = (
     "sparse_events",
     "breakfast",
@@ -37,10 +43,6 @@ DATASETS = (
     "something_something_v1",
     "something_something_v2",
 )
-BACKBONES = ("resnet18", "resnet50")
-SAMPLINGS = ("cluster", "uniform", "dense")
-CLUSTER_METHODS = ("cumulative", "slope")
-CLUSTER_POINTS = ("maxpool", "stage1", "stage2")
 DTYPES = ("float32", "bfloat16")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
@@ -56,6 +58,26 @@ class ConfigError(ValueError):
     def __init__(self, message: str, field: str | None = None):
         super().__init__(message)
         self.field = field
+
+
+def allowed_names() -> dict[str, tuple[str, ...]]:
+    """Field -> the names it may take, each list from the module that implements them.
+
+    Imported here, not at the top: the configs then load without JAX and Flax, and a module
+    that only reads configs (e.g. the data pipeline) does not pull in the models.
+    """
+    from fva_jax import clustering  # pylint: disable=g-import-not-at-top
+    from fva_jax.models import full_video, resnet  # pylint: disable=g-import-not-at-top
+
+    return {
+        "data.name": DATASETS,
+        "model.backbone": resnet.BACKBONES,
+        "model.sampling": full_video.SAMPLINGS,
+        "model.cluster_method": clustering.METHODS,
+        "model.cluster_point": resnet.CLUSTER_POINTS,
+        "model.dtype": DTYPES,
+        "model.plan": full_video.PLANS,
+    }
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -95,6 +117,14 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.dense_stride = 2
     c.model.dropout_rate = 0.8
     c.model.dtype = "float32"  # compute dtype ("float32" | "bfloat16"); params stay float32
+    # How sampling="cluster" keeps activations for the backward pass (fva_jax/models/plans.py):
+    # "auto" = per batch shape the fastest that fits model.activation_budget_mb; "unchunked"
+    # (all kept, memory O(T)), "keep_stem" (stem outputs kept), "recompute" (memory flat in T).
+    c.model.plan = "auto"
+    # Activation memory per device for plan="auto", in MiB; -1 = 0.6 of the memory the device
+    # reports (GPU/TPU), or 2048 where it reports none (CPU). data.frames_per_device sets how
+    # many frames a device holds per step, so together they decide which plan a bucket gets.
+    c.model.activation_budget_mb = -1.0
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 16  # global batch over all devices of all hosts
@@ -245,6 +275,7 @@ def validate_config(
     jax.process_count()), the batch sizes must split evenly over them.
     """
     _check_fields(config, default_config(), "")
+    names = allowed_names()
 
     if not _is_int(config.seed):
         _fail("seed", f"must be an integer, got {config.seed!r}")
@@ -252,7 +283,7 @@ def validate_config(
         _fail("fast_compile", f"must be True or False, got {config.fast_compile!r}")
 
     # Data.
-    _one_of(config, "data.name", DATASETS)
+    _one_of(config, "data.name", names["data.name"])
     for field in ("data.builder_config", "data.data_dir", "data.manual_dir"):
         if not isinstance(_get(config, field), str):
             _fail(field, f"must be a string, got {_get(config, field)!r}")
@@ -283,7 +314,7 @@ def validate_config(
     _int_at_least(config, "data.shuffle_buffer", 1)
 
     # Model.
-    _one_of(config, "model.backbone", BACKBONES)
+    _one_of(config, "model.backbone", names["model.backbone"])
     _int_at_least(config, "model.width", 1)
     _int_at_least(config, "model.num_clusters", 1)
     if config.model.num_clusters > config.data.max_frames:
@@ -292,16 +323,23 @@ def validate_config(
             f"must be <= config.data.max_frames "
             f"({config.data.max_frames}), got {config.model.num_clusters}",
         )
-    _one_of(config, "model.sampling", SAMPLINGS)
-    _one_of(config, "model.cluster_method", CLUSTER_METHODS)
+    _one_of(config, "model.sampling", names["model.sampling"])
+    _one_of(config, "model.cluster_method", names["model.cluster_method"])
     _int_at_least(config, "model.window", 1)
     _int_at_least(config, "model.chunk_size", 1)
-    _one_of(config, "model.cluster_point", CLUSTER_POINTS)
+    _one_of(config, "model.cluster_point", names["model.cluster_point"])
     if not isinstance(config.model.temporal_shift, bool):
         _fail("model.temporal_shift", f"must be True or False, got {config.model.temporal_shift!r}")
     _int_at_least(config, "model.dense_stride", 1)
     _num_in(config, "model.dropout_rate", 0.0, 1.0, high_open=True)
-    _one_of(config, "model.dtype", DTYPES)
+    _one_of(config, "model.dtype", names["model.dtype"])
+    _one_of(config, "model.plan", names["model.plan"])
+    budget = config.model.activation_budget_mb
+    if not _is_num(budget) or not (budget == -1 or budget > 0):
+        _fail(
+            "model.activation_budget_mb",
+            f"must be a number of MiB > 0, or -1 for the device's memory; got {budget!r}",
+        )
 
     # Training length and batch.
     _int_at_least(config, "train.batch_size", 1)

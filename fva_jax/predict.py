@@ -117,7 +117,7 @@ def padded_length(num_frames: int, chunk_size: int) -> int:
 def segments(segment_ids: np.ndarray, stride: int = 1) -> list[tuple[int, int, int, int]]:
     """(segment id, first source frame, last source frame, number of frames) of every
     non-empty segment, in id order; segment_ids (T,) of the valid frames."""
-    from fva_jax.clustering_demo import segments_of  # pylint: disable=g-import-not-at-top
+    from fva_jax.clustering_tools import segments_of
 
     ids = np.asarray(segment_ids)
     return [

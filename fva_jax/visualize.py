@@ -416,7 +416,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Writes the picture; returns dict(out=path, segment_ids, distances, frames=T)."""
-    from fva_jax import clustering, clustering_demo
+    from fva_jax import clustering, clustering_tools
     from fva_jax.data import video as video_lib
 
     args = parse_args(argv)
@@ -436,14 +436,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             raise SystemExit(f"visualize: {err}") from None
     else:
         feature_fn, what = random_feature_fn(args.seed), "fixed random conv features"
-    bits, num_features = clustering_demo.chunked_bits(feature_fn, frames, args.chunk_size)
+    bits, num_features = clustering_tools.chunked_sign_bits(feature_fn, frames, args.chunk_size)
     distances = np.asarray(
         clustering.hamming_distances(bits, args.window, num_features=num_features)
     )
-    segment = (
-        clustering.cumulative_segments if args.method == "cumulative" else clustering.slope_segments
-    )
-    ids = np.asarray(segment(distances, args.num_clusters))
+    ids = np.asarray(clustering.segmenter(args.method)(distances, args.num_clusters))
     title = (
         f"{pathlib.Path(args.video).name}: {args.method} clustering, K={args.num_clusters}, "
         f"window {args.window}; {what}"

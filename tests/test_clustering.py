@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fva_jax import clustering as C
+from fva_jax import clustering_tools
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HYP = settings(max_examples=25, deadline=None, derandomize=True)
@@ -349,6 +350,46 @@ def test_cluster_matches_reference_pipeline(method, window):
         ref, amb = _batched(lambda a, m: ref_cumulative(a, k, m), d_ref, mask, batch_ndim=2)
         assert not np.any(amb)
     np.testing.assert_array_equal(ids, ref)
+
+
+def test_segmenter_table_is_the_one_choice_by_name():
+    """METHODS lists the table's names; segmenter() and cluster() use the table's functions."""
+    assert C.METHODS == tuple(C.SEGMENTERS) == ("cumulative", "slope")
+    assert C.SEGMENTERS["cumulative"] is C.cumulative_segments
+    assert C.SEGMENTERS["slope"] is C.slope_segments
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(2, 9, 20)).astype(np.float32)
+    mask = trailing_mask((2,), 9, rng)
+    d = C.hamming_distances(C.sign_bits(x), 2, mask, num_features=20)
+    for method in C.METHODS:
+        assert C.segmenter(method) is C.SEGMENTERS[method]
+        np.testing.assert_array_equal(
+            C.cluster(x, 3, method, 2, mask), C.segmenter(method)(d, 3, mask)
+        )
+    with pytest.raises(ValueError, match=r"Unknown clustering method 'kmeans'.*'cumulative'"):
+        C.segmenter("kmeans")
+
+
+@pytest.mark.parametrize("t_len,chunk", [(10, 3), (4, 32), (8, 4)])
+def test_chunked_sign_bits_equal_sign_bits_of_all_frames(t_len, chunk):
+    """The tools' chunked helper: same bits as one call on every frame (chunks that do not
+    divide T, one chunk larger than T), and F read off the feature function."""
+    frames = np.random.default_rng(t_len).integers(0, 256, (t_len, 6, 5, 3), dtype=np.uint8)
+    weights = jnp.asarray(np.random.default_rng(1).normal(size=(90, 13)), jnp.float32)
+
+    def features(chunk_frames):  # (n, 6, 5, 3) -> (n, 13), signs of both kinds
+        return (chunk_frames.reshape(chunk_frames.shape[0], -1) / 255.0 - 0.5) @ weights
+
+    bits, num_features = clustering_tools.chunked_sign_bits(features, frames, chunk)
+    assert num_features == 13 and bits.shape == (t_len, 2) and bits.dtype == np.uint8
+    np.testing.assert_array_equal(bits, np.asarray(C.sign_bits(features(jnp.asarray(frames)))))
+    with pytest.raises(ValueError, match="chunk_size"):
+        clustering_tools.chunked_sign_bits(features, frames, 0)
+
+
+def test_segments_of_lists_first_last_and_size():
+    ids = np.array([0, 0, 1, 2, 2, 2])
+    assert clustering_tools.segments_of(ids) == [(0, 1, 2), (2, 2, 1), (3, 5, 3)]
 
 
 # ---------------------------------------------------------------------------

@@ -108,6 +108,18 @@ def _with(field: str, value):
         ("model.dropout_rate", 1.0, "config.model.dropout_rate must be in [0.0, 1.0), got 1.0"),
         ("model.window", 0, "config.model.window must be >= 1, got 0"),
         (
+            "model.plan",
+            "fast",
+            "config.model.plan must be one of 'auto', 'unchunked', 'keep_stem', 'recompute', "
+            "got 'fast'",
+        ),
+        (
+            "model.activation_budget_mb",
+            0,
+            "config.model.activation_budget_mb must be a number of MiB > 0, or -1 for the "
+            "device's memory; got 0",
+        ),
+        (
             "data.crop_size",
             300,
             "config.data.resize_short must be >= config.data.crop_size (300), got 256",
@@ -282,6 +294,52 @@ def test_check_overrides_accepts_known_fields_and_names_unknown_ones():
         config_lib.check_overrides(["--config.trian.batch_size", "8"])
     with pytest.raises(
         config_lib.ConfigError,
-        match=r"config.model.zzz is not a known field; known fields of config.model: backbone",
+        match=r"config.model.zzz is not a known field; known fields of config.model: "
+        r"activation_budget_mb, backbone",
     ):
         config_lib.check_overrides(["--config.model.zzz=1"])
+
+
+def test_name_lists_have_one_source():
+    """Each field's names come from the module that implements them (the same object), and the
+    data set names equal the registered builders."""
+    from fva_jax import clustering
+    from fva_jax.data import builders
+    from fva_jax.models import full_video, resnet
+
+    names = config_lib.allowed_names()
+    assert names["model.backbone"] is resnet.BACKBONES
+    assert names["model.cluster_point"] is resnet.CLUSTER_POINTS
+    assert names["model.sampling"] is full_video.SAMPLINGS
+    assert names["model.cluster_method"] is clustering.METHODS
+    assert names["model.plan"] is full_video.PLANS
+    assert set(names["data.name"]) == set(builders.BUILDERS)
+    for backbone in resnet.BACKBONES:  # every listed backbone is one the model builds
+        assert f"resnet{resnet.depth_of(backbone)}" == backbone
+
+
+@pytest.mark.parametrize("field", sorted(config_lib.allowed_names()))
+def test_validation_accepts_exactly_the_listed_names(field):
+    """Every listed name validates; anything else is rejected with the list in the message."""
+    choices = config_lib.allowed_names()[field]
+    for value in choices:
+        config_lib.validate_config(_with(field, value))
+    with pytest.raises(config_lib.ConfigError) as e:
+        config_lib.validate_config(_with(field, "no_such_name"))
+    listed = ", ".join(map(repr, choices))
+    assert f"config.{field} must be one of {listed}, got 'no_such_name'" in str(e.value)
+
+
+def test_model_fields_are_the_model_constructor_arguments():
+    """config.model holds exactly FullVideoModel's fields but num_classes (the trainer passes
+    it as keyword arguments), with the model's own defaults where the recipe keeps them."""
+    import dataclasses
+
+    from fva_jax.models.full_video import FullVideoModel
+
+    fields = {f.name for f in dataclasses.fields(FullVideoModel)} - {"parent", "name"}
+    config = config_lib.default_config()
+    assert set(config.model) == fields - {"num_classes"}
+    defaults = {f.name: f.default for f in dataclasses.fields(FullVideoModel)}
+    assert config.model.plan == defaults["plan"] == "auto"
+    assert config.model.activation_budget_mb == defaults["activation_budget_mb"] == -1

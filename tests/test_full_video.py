@@ -9,7 +9,13 @@ import optax
 import pytest
 
 from fva_jax import clustering
-from fva_jax.models.full_video import FullVideoModel, dense_indices, uniform_indices
+from fva_jax.models import plans
+from fva_jax.models.full_video import (
+    FullVideoModel,
+    choose_plan,
+    dense_indices,
+    uniform_indices,
+)
 from fva_jax.models.resnet import ResNetStem, normalize_images
 
 B, T, PX, K = 2, 10, 16, 3
@@ -86,14 +92,17 @@ def assert_trees_close(a, b, rtol=1e-4, scale_tol=1e-4):
 LABELS = jnp.array([1, 3])
 
 
-@pytest.mark.parametrize("chunk", [3, 4])
-def test_two_pass_equals_unchunked_reference(chunk):
-    """Loss, every gradient leaf, batch statistics and segment ids equal the unchunked math.
+@pytest.mark.parametrize(
+    "plan,chunk", [("recompute", 3), ("recompute", 4), ("keep_stem", 3), ("unchunked", 4)]
+)
+def test_every_plan_equals_unchunked_reference(plan, chunk):
+    """Loss, every gradient leaf, batch statistics and segment ids equal the unchunked math
+    of the plain (unfolded) stem, for every memory plan.
 
     chunk=3 and 4 do not divide T=10 (the last chunk overlaps the previous one); window=2
     crosses chunk boundaries in pass 1; the second video has padded frames.
     """
-    model = tiny(chunk_size=chunk, window=2)
+    model = tiny(chunk_size=chunk, window=2, plan=plan)
     variables = init_variables(tiny())  # the same parameters for every chunk size
     v, m = make_videos()
     (loss, (seg, stats)), grads = cached_loss_and_grads(model)(variables, v, m, LABELS)
@@ -112,14 +121,14 @@ def test_two_pass_equals_unchunked_reference(chunk):
         stats["trunk"]["layer2_0"]["bn1"]["mean"],
         variables["batch_stats"]["trunk"]["layer2_0"]["bn1"]["mean"],
     )
-    # Gradients reach the stem (through the rematerialised chunks) and are not all zero.
+    # Gradients reach the stem (through every plan's backward) and are not all zero.
     assert float(jnp.abs(grads["stem"]["conv1"]["kernel"]).sum()) > 0
 
 
 def test_slope_method_matches_unchunked():
     """Slope boundaries follow the largest distances, so this also checks pass 1's distances:
     window 4 > chunk 3, so windows span up to three chunks."""
-    model = tiny(chunk_size=3, cluster_method="slope", window=4)
+    model = tiny(chunk_size=3, cluster_method="slope", window=4, plan="keep_stem")
     variables = init_variables(tiny())
     v, m = make_videos()
     logits, seg = jax.jit(functools.partial(model.apply, train=False))(variables, v, m)
@@ -130,8 +139,9 @@ def test_slope_method_matches_unchunked():
     np.testing.assert_allclose(np.asarray(logits), np.asarray(rlogits), rtol=1e-4, atol=1e-5)
 
 
-def test_padded_frames_are_ignored():
-    model = tiny(chunk_size=4, window=2)
+@pytest.mark.parametrize("plan", ["recompute", "keep_stem"])
+def test_padded_frames_are_ignored(plan):
+    model = tiny(chunk_size=4, window=2, plan=plan)
     variables = init_variables(tiny())
     v, m = make_videos()
     noisy = v.at[1, LENGTHS[1] :].set(255 - v[1, LENGTHS[1] :])
@@ -150,7 +160,9 @@ class LinearStemModel(FullVideoModel):
     """Test-only: an affine stem (conv1 + average pool; no BatchNorm, no ReLU, no max-pool)."""
 
     def _make_stem(self):
-        return ResNetStem(18, self.width, "stage1", linear=True, dtype=self.dtype)
+        return ResNetStem(
+            depth=18, width=self.width, cluster_point="stage1", linear=True, dtype=self.dtype
+        )
 
 
 def test_linear_stem_clustering_loses_nothing():
@@ -271,6 +283,10 @@ def test_bad_config_and_inputs():
         tiny(chunk_size=0).init(jax.random.key(0), v, m, train=False)
     with pytest.raises(ValueError, match="mask"):
         tiny().init(jax.random.key(0), v, m[:, :5], train=False)
+    with pytest.raises(ValueError, match="plan='fast'"):
+        tiny(plan="fast").init(jax.random.key(0), v, m, train=False)
+    with pytest.raises(ValueError, match="activation_budget_mb must be > 0, or -1"):
+        tiny(activation_budget_mb=0).init(jax.random.key(0), v, m, train=False)
 
 
 def test_uniform_training_trains_stem_batchnorm_and_draws_offsets():
@@ -320,3 +336,120 @@ def test_bfloat16_model_shapes():
     assert logits.shape == (B, 5) and logits.dtype == jnp.float32
     assert seg.shape == (B, T) and seg.dtype == jnp.int32
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables))
+
+
+# ----------------------------------------------------------------------------- plans
+
+
+def toy_stem(calls):
+    """A cheap differentiable per-frame stem, uint8 (N, 8, 8, 3) -> (N, 2, 2, 3), that counts
+    the frames it is run on (a debug callback, so it counts inside cond, scan and remat)."""
+
+    def count(n):
+        calls.append(int(n))
+
+    def apply(params, frames):
+        n = frames.shape[0]
+        jax.debug.callback(count, n)
+        x = frames.astype(jnp.float32) / 255.0 - 0.5
+        x = x.reshape(n, 2, 4, 2, 4, 3).mean(axis=(2, 4))
+        return jax.nn.relu(jnp.tanh(x @ params["w"] + params["b"]))
+
+    return apply
+
+
+def test_plans_agree_and_skip_chunks_of_padding():
+    """The three plans on a toy stem: equal segment ids, sums and gradients; T=14 is no
+    multiple of the chunk (4); chunks 2 and 3 (frames 8..13) hold only padding in both videos
+    and are never run: not in pass 1, not in the backward."""
+    rng = np.random.default_rng(0)
+    b, t, chunk, k = 2, 14, 4, 3
+    videos = jnp.asarray(rng.integers(0, 256, (b, t, 8, 8, 3), np.uint8))
+    mask = jnp.asarray(np.arange(t)[None] < np.array([[7], [5]]))
+    params = {
+        "w": jnp.asarray(rng.normal(size=(3, 3)), jnp.float32),
+        "b": jnp.asarray(rng.normal(0, 0.1, 3), jnp.float32),
+    }
+    probe = jnp.asarray(rng.normal(size=(b, k, 2, 2, 3)), jnp.float32)
+    results, calls = {}, {}
+    for plan in ("unchunked", "keep_stem", "recompute"):
+        calls[plan] = []
+
+        def loss(p, plan=plan):
+            sums, counts, seg = plans.clustered_sums(
+                plan,
+                toy_stem(calls[plan]),
+                p,
+                videos,
+                mask,
+                num_clusters=k,
+                method="cumulative",
+                window=2,
+                chunk_size=chunk,
+            )
+            return jnp.sum(sums * probe), (sums, counts, seg)
+
+        (_, aux), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+        jax.effects_barrier()
+        results[plan] = (aux, grads)
+    (want_sums, want_counts, want_seg), want_grads = results["unchunked"]
+    np.testing.assert_array_equal(np.sum(want_counts, axis=1), [7, 5])  # valid frames only
+    assert (np.asarray(want_counts) > 0).all()
+    for plan in ("keep_stem", "recompute"):
+        (sums, counts, seg), grads = results[plan]
+        np.testing.assert_array_equal(seg, want_seg)
+        np.testing.assert_array_equal(counts, want_counts)
+        np.testing.assert_allclose(sums, want_sums, rtol=1e-6, atol=1e-6)
+        for name in params:
+            np.testing.assert_allclose(grads[name], want_grads[name], rtol=1e-5, atol=1e-6)
+    # Frames run per plan: unchunked all 28 at once (its forward; autodiff reuses it);
+    # keep_stem: pass 1 and the backward, 2 valid chunks each; recompute: pass 1, pass 2 and
+    # its rematerialisation. Each chunk holds b * chunk = 8 frames.
+    assert calls["unchunked"] == [b * t]
+    assert calls["keep_stem"] == [b * chunk] * (2 * 2)
+    assert calls["recompute"] == [b * chunk] * (3 * 2)
+
+
+def test_auto_picks_the_fastest_plan_that_fits_the_budget(caplog):
+    """Estimates: unchunked grows with T, keep_stem less, recompute not at all; the budget
+    decides; the model runs the chosen plan and logs it once per traced shape."""
+    shape = (B, 256, PX, PX, 3)
+    estimates = choose_plan(tiny(), shape).estimates
+    longer = choose_plan(tiny(), (B, 512, PX, PX, 3)).estimates
+    assert estimates["unchunked"] > estimates["keep_stem"] > estimates["recompute"] > 0
+    assert longer["recompute"] == estimates["recompute"]
+    assert longer["unchunked"] - estimates["unchunked"] > 2 * (
+        longer["keep_stem"] - estimates["keep_stem"]
+    )
+    # keep_stem keeps the stem outputs in the compute dtype: half the bytes a frame in bf16.
+    growth = {
+        dtype: np.diff(
+            [
+                choose_plan(tiny(dtype=dtype), (B, t, PX, PX, 3)).estimates["keep_stem"]
+                for t in (4096, 8192)
+            ]
+        )[0]
+        for dtype in (jnp.float32, jnp.bfloat16)
+    }
+    assert growth[jnp.float32] == 2 * growth[jnp.bfloat16] > 0
+    mib = {name: value / 2**20 for name, value in estimates.items()}
+    for budget, want in [
+        (1.01 * mib["unchunked"], "unchunked"),
+        (0.99 * mib["unchunked"], "keep_stem"),
+        (0.99 * mib["keep_stem"], "recompute"),
+        (0.5 * mib["recompute"], "recompute"),  # nothing fits: memory flat in T
+    ]:
+        choice = choose_plan(tiny(activation_budget_mb=budget), shape)
+        assert choice.plan == want and choice.budget_source == "model.activation_budget_mb"
+    assert choose_plan(tiny(plan="keep_stem"), shape).plan == "keep_stem"  # forced
+    default = choose_plan(tiny(), shape)  # CPU reports no memory: the stated default
+    assert default.budget_bytes == int(plans.NO_REPORT_BUDGET_MB * 2**20)
+
+    model = tiny(activation_budget_mb=0.99 * mib["unchunked"])
+    v, m = make_videos(t=256, lengths=(256, 100))
+    variables = init_variables(tiny())
+    caplog.set_level("INFO")
+    for _ in range(2):  # traced twice, logged once
+        jax.eval_shape(functools.partial(model.apply, train=False), variables, v, m)
+    logged = [r.getMessage() for r in caplog.records if str(v.shape) in r.getMessage()]
+    assert len(logged) == 1 and "plan keep_stem" in logged[0], logged

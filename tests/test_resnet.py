@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 
 from fva_jax.models import resnet
-from fva_jax.models.resnet import ResNet, ResNetStem, ResNetTrunk, temporal_shift
+from fva_jax.models.resnet import (
+    ResNet,
+    ResNetStem,
+    ResNetTrunk,
+    normalize_images,
+    temporal_shift,
+)
 
 
 def numpy_shift(x, fold_div=8):
@@ -46,7 +52,7 @@ def test_temporal_shift_bad_input():
 def test_torchvision_layout(depth, count):
     """Width 64, 1000 classes: torchvision's parameter count, names and shapes (HWIO)."""
     variables = jax.eval_shape(
-        lambda: ResNet(1000, depth).init(
+        lambda: ResNet(num_classes=1000, depth=depth).init(
             jax.random.key(0), jnp.zeros((1, 224, 224, 3)), train=False
         )
     )
@@ -85,8 +91,16 @@ def _stem_trunk_shapes(depth, dtype, width=8, b=2, k=3, train=True):
     test_shapes_and_dtypes traces it with jax.eval_shape (exact shapes and dtypes, no compute);
     test_runs_finite executes it.
     """
-    stem = ResNetStem(depth, width, "stage1", dtype=dtype)
-    trunk = ResNetTrunk(7, depth, width, "stage1", True, 0.5, dtype)
+    stem = ResNetStem(depth=depth, width=width, cluster_point="stage1", dtype=dtype)
+    trunk = ResNetTrunk(
+        num_classes=7,
+        depth=depth,
+        width=width,
+        cluster_point="stage1",
+        temporal_shift=True,
+        dropout_rate=0.5,
+        dtype=dtype,
+    )
 
     def run(x):
         sv = stem.init(jax.random.key(1), x, use_running_average=False)
@@ -129,14 +143,14 @@ def test_runs_finite(depth, dtype):
 @pytest.mark.parametrize("point,stride,stage", [("maxpool", 4, 0), ("stage2", 8, 2)])
 def test_cluster_points(point, stride, stage):
     x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
-    stem = ResNetStem(18, 8, point)
+    stem = ResNetStem(depth=18, width=8, cluster_point=point)
     h, sv = jax.eval_shape(
         lambda x: stem.init_with_output(jax.random.key(0), x, use_running_average=True), x
     )
     assert h.shape == (2, 32 // stride, 32 // stride, resnet.stem_channels(18, 8, point))
     names = set(sv["params"])
     assert ("layer2_0" in names) == (stage == 2) and ("layer1_0" in names) == (stage >= 1)
-    trunk = ResNetTrunk(5, 18, 8, point)
+    trunk = ResNetTrunk(num_classes=5, depth=18, width=8, cluster_point=point)
     tv = jax.eval_shape(lambda h: trunk.init(jax.random.key(1), h[None], train=False), h)
     assert "layer1_0" in tv["params"] if stage == 0 else "layer1_0" not in tv["params"]
     assert "layer4_1" in tv["params"] and "fc" in tv["params"]
@@ -147,7 +161,7 @@ def test_temporal_shift_mixes_steps_only_when_on():
     h = jax.random.normal(jax.random.key(0), (1, 3, 8, 8, 8))
     h2 = h.at[:, 0].add(1.0)
     for shift in (True, False):
-        trunk = ResNetTrunk(5, 18, 8, "stage1", temporal_shift=shift)
+        trunk = ResNetTrunk(num_classes=5, depth=18, width=8, temporal_shift=shift)
         v = trunk.init(jax.random.key(1), h, train=False)
         a, b = (np.asarray(trunk.apply(v, z, train=False)) for z in (h, h2))
         assert not np.allclose(a[:, 0], b[:, 0])
@@ -160,7 +174,7 @@ def test_segment_mask_leaves_steps_out_of_batch_statistics():
     h = jax.random.normal(jax.random.key(0), (2, 3, 8, 8, 8))
     h2 = h.at[:, 2].set(100.0)
     m = jnp.array([[True, True, False], [True, True, False]])
-    trunk = ResNetTrunk(5, 18, 8, "stage1", temporal_shift=False, dropout_rate=0.0)
+    trunk = ResNetTrunk(num_classes=5, depth=18, width=8, temporal_shift=False, dropout_rate=0.0)
     v = trunk.init(jax.random.key(1), h, train=False)
     out = [trunk.apply(v, z, train=True, segment_mask=m, mutable=["batch_stats"]) for z in (h, h2)]
     np.testing.assert_allclose(out[0][0][:, :2], out[1][0][:, :2], rtol=1e-5, atol=1e-5)
@@ -180,4 +194,86 @@ def test_normalize_images_and_bad_backbone():
     with pytest.raises(ValueError, match="resnet34"):
         resnet.depth_of("resnet34")
     with pytest.raises(ValueError, match="cluster_point"):
-        ResNetStem(18, 8, "stage3").init(jax.random.key(0), x, use_running_average=True)
+        ResNetStem(depth=18, width=8, cluster_point="stage3").init(
+            jax.random.key(0), x, use_running_average=True
+        )
+
+
+def _random_statistics(variables, seed):
+    """Non-trivial BatchNorm scales, biases, means and variances (fresh ones are 1, 0, 0, 1)."""
+    rng = np.random.default_rng(seed)
+
+    def perturb(path, x):
+        name = path[-1].key
+        if name in ("scale", "var"):
+            return jnp.asarray(rng.uniform(0.5, 1.5, x.shape), x.dtype)
+        if name in ("bias", "mean"):
+            return jnp.asarray(rng.normal(0, 0.3, x.shape), x.dtype)
+        return x
+
+    return {
+        "params": jax.tree_util.tree_map_with_path(perturb, variables["params"]),
+        "batch_stats": jax.tree_util.tree_map_with_path(perturb, variables["batch_stats"]),
+    }
+
+
+@pytest.mark.parametrize("depth,point", [(18, "stage1"), (50, "stage1"), (18, "stage2")])
+def test_folded_stem_equals_the_plain_stem(depth, point):
+    """BatchNorm (running statistics) and the ImageNet normalisation folded into the
+    convolutions: the same outputs and the same parameter gradients as the plain stem on
+    normalised frames, up to float32 rounding."""
+    frames = jnp.asarray(np.random.default_rng(0).integers(0, 256, (3, 20, 20, 3), np.uint8))
+    plain = ResNetStem(depth=depth, width=8, cluster_point=point)
+    folded = plain.clone(folded=True)
+    variables = plain.init(jax.random.key(0), normalize_images(frames), use_running_average=True)
+    variables = _random_statistics(variables, depth)
+    folded_vars = resnet.fold_stem_batchnorm(variables)
+    assert jax.tree.structure(folded_vars) == jax.tree.structure(
+        jax.eval_shape(
+            lambda f: folded.init(jax.random.key(0), f, use_running_average=True), frames
+        )
+    )
+    assert "bn1" not in folded_vars["params"] and "bias" in folded_vars["params"]["conv1"]
+
+    def plain_out(params):
+        return plain.apply(
+            {"params": params, "batch_stats": variables["batch_stats"]},
+            normalize_images(frames),
+            use_running_average=True,
+        )
+
+    def folded_out(params):
+        return folded.apply(
+            resnet.fold_stem_batchnorm({"params": params, "batch_stats": variables["batch_stats"]}),
+            frames,
+            use_running_average=True,
+        )
+
+    want, got = jax.jit(plain_out)(variables["params"]), jax.jit(folded_out)(variables["params"])
+    assert got.shape == want.shape and got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
+    probe = jax.random.normal(jax.random.key(1), want.shape)
+    grads = [
+        jax.jit(jax.grad(lambda p, f=f: jnp.sum(f(p) * probe)))(variables["params"])
+        for f in (plain_out, folded_out)
+    ]
+    for (path, a), (_, b) in zip(*(jax.tree_util.tree_flatten_with_path(g)[0] for g in grads)):
+        np.testing.assert_allclose(
+            b, a, rtol=1e-3, atol=1e-4 * float(jnp.abs(a).max()), err_msg=jax.tree_util.keystr(path)
+        )
+
+
+def test_folded_stem_in_bfloat16_stays_close():
+    """bfloat16 compute: outputs within bfloat16 rounding of the float32 plain stem."""
+    frames = jnp.asarray(np.random.default_rng(1).integers(0, 256, (2, 16, 16, 3), np.uint8))
+    plain = ResNetStem(depth=18, width=8)
+    variables = _random_statistics(
+        plain.init(jax.random.key(0), normalize_images(frames), use_running_average=True), 3
+    )
+    want = plain.apply(variables, normalize_images(frames), use_running_average=True)
+    got = plain.clone(folded=True, dtype=jnp.bfloat16).apply(
+        resnet.fold_stem_batchnorm(variables), frames, use_running_average=True
+    )
+    assert got.dtype == jnp.bfloat16
+    scale = float(jnp.abs(want).max())
+    assert float(jnp.abs(got.astype(jnp.float32) - want).max()) < 0.05 * scale

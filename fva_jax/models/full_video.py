@@ -1,29 +1,35 @@
-"""The full-video model: every frame, clustered after the stem, in memory flat in T.
+"""The full-video model: every frame, clustered after the stem, in the fastest plan that fits.
 
 ``FullVideoModel(videos, mask, train=...)`` takes whole padded videos ``(B, T, H, W, 3)``
 uint8 and a frame mask ``(B, T)`` (valid frames first, then padding) and returns
 ``(logits (B, num_classes) float32, segment_ids (B, T) int32)``.
 
-sampling="cluster" (the method, DESIGN.md §1-§2), in two passes over chunks of
-``chunk_size`` frames:
+sampling="cluster" (the method, DESIGN.md §1-§2): the stem's activations of every frame
+-> sign bits -> windowed Hamming distances -> ``clustering.segmenter(cluster_method)`` ->
+segment ids; the per-segment means of the activations (``clustering.aggregate``'s
+semantics: empty -> 0) go through the trunk, with the temporal shift along K; the logits are
+averaged over the non-empty segments. Empty segments (videos shorter than K) are also left
+out of the trunk's BatchNorm statistics.
 
-* pass 1 (no gradient, ``jax.lax.scan``): stem activations of a chunk -> sign bits ->
-  windowed Hamming distances. Only the distances leave a chunk; the packed bits of the last
-  ``window`` frames are carried so that windows cross chunk boundaries. Then
-  ``clustering.cumulative_segments`` / ``slope_segments`` give segment ids for all frames.
-* pass 2 (with gradient): ``jax.lax.scan`` over chunks with a ``jax.checkpoint``-ed body:
-  stem of the chunk -> ``jax.ops.segment_sum`` into (B, K, h, w, c) float32 accumulators.
-  The backward pass recomputes each chunk's stem, so nothing of size T is stored.
-  Means = sums / max(counts, 1), ``clustering.aggregate``'s semantics (empty -> 0).
-* the trunk runs on the (B, K, ...) means with the temporal shift along K; the logits are
-  averaged over the non-empty segments. Empty segments (videos shorter than K) are also left
-  out of the trunk's BatchNorm statistics.
+How the activations are kept for the backward pass is a *plan* (``plans.py``):
+``"unchunked"`` (all frames at once, everything kept: fastest, memory O(T)),
+``"keep_stem"`` (pass 1 keeps the stem outputs in the compute dtype, the backward
+recomputes one chunk at a time) and ``"recompute"`` (two passes over chunks of
+``chunk_size`` frames, the backward recomputes each chunk: memory flat in T). All give the
+same logits, gradients and segment ids up to float rounding. ``plan="auto"`` (the default)
+picks, per batch shape at trace time, the fastest whose estimated activation memory per
+device fits ``activation_budget_mb`` (-1: ``plans.DEVICE_MEMORY_FRACTION`` of the memory
+the device reports, or ``plans.NO_REPORT_BUDGET_MB`` where it reports none, e.g. CPU); the
+batch is taken to be split over all ``jax.device_count()`` devices (the trainer's data
+mesh). The choice is logged once per shape; ``choose_plan(model, videos_shape)`` tells it
+without running anything. The data path's ``data.frames_per_device`` bounds the frames per
+device, so it bounds the plans' estimates too.
 
 The stem's BatchNorm always uses its running statistics in this mode (so the result cannot
-depend on the chunking; DESIGN.md §2, TSN's "partial BN"); the trunk's BatchNorm trains
-normally. The videos are never padded or copied: the last chunk is read at ``T - chunk``
-(overlapping the previous one) and frames already seen are masked out, so results do not
-depend on ``chunk_size`` and T need not be a multiple of it.
+depend on the chunking; DESIGN.md §2, TSN's "partial BN"), which makes it an affine map: the
+clustered passes run the stem with its BatchNorms and the ImageNet normalisation folded
+into the convolutions (``resnet.fold_stem_batchnorm``, uint8 frames in). The trunk's
+BatchNorm trains normally. The videos are never padded or copied.
 
 sampling="uniform" (TSN/TSM: K equal segments of each video's valid length, one frame from
 each, a random offset in training from the "sampling" rng, the centre at test) and
@@ -36,9 +42,9 @@ Parameters: ``{"params", "batch_stats"}`` with top-level ``stem`` and ``trunk`` 
 
 Two extra methods compute the same things the plain way, for tests and benchmarks (call them
 with ``model.apply(variables, videos, mask, train=..., method="unchunked")``):
-``unchunked`` (all frames' stem activations at once, ``clustering.cluster`` + ``aggregate``,
-no chunks, no rematerialisation: how the original release works) and ``all_frames`` (every
-frame through the whole network, shift along T, logits averaged over valid frames).
+``unchunked`` (the plain stem, unfolded, on all frames at once, ``clustering.cluster`` +
+``aggregate``: how the original release works) and ``all_frames`` (every frame through the
+whole network, shift along T, logits averaged over valid frames).
 """
 
 from __future__ import annotations
@@ -50,7 +56,15 @@ import jax
 import jax.numpy as jnp
 
 from fva_jax import clustering
-from fva_jax.models.resnet import ResNetStem, ResNetTrunk, depth_of, normalize_images
+from fva_jax.models import plans
+from fva_jax.models.plans import PLANS
+from fva_jax.models.resnet import (
+    ResNetStem,
+    ResNetTrunk,
+    depth_of,
+    fold_stem_batchnorm,
+    normalize_images,
+)
 
 SAMPLINGS = ("cluster", "uniform", "dense")
 
@@ -86,6 +100,8 @@ class FullVideoModel(nn.Module):
     dense_stride: int = 2
     dropout_rate: float = 0.5
     dtype: Any = jnp.float32
+    plan: str = "auto"  # "auto" | "unchunked" | "keep_stem" | "recompute"; see plans.py
+    activation_budget_mb: float = -1  # for plan="auto"; -1 = from the device's memory
 
     def setup(self):
         if self.sampling not in SAMPLINGS:
@@ -97,21 +113,34 @@ class FullVideoModel(nn.Module):
         for name in ("num_clusters", "window", "chunk_size", "dense_stride"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.plan not in PLANS:
+            raise ValueError(f"plan={self.plan!r}; use one of {PLANS}")
+        if not (self.activation_budget_mb == -1 or self.activation_budget_mb > 0):
+            raise ValueError(
+                f"activation_budget_mb must be > 0, or -1 for the device's memory; "
+                f"got {self.activation_budget_mb}"
+            )
         self.stem = self._make_stem()
         self.trunk = ResNetTrunk(
-            self.num_classes,
-            depth_of(self.backbone),
-            self.width,
-            self.cluster_point,
-            self.temporal_shift,
-            self.dropout_rate,
-            self.dtype,
-            jnp.float32,
+            num_classes=self.num_classes,
+            depth=depth_of(self.backbone),
+            width=self.width,
+            cluster_point=self.cluster_point,
+            temporal_shift=self.temporal_shift,
+            dropout_rate=self.dropout_rate,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
         )
 
     def _make_stem(self) -> nn.Module:
-        """The per-frame stem; tests override this (e.g. an affine stem) in a subclass."""
-        return ResNetStem(depth_of(self.backbone), self.width, self.cluster_point, dtype=self.dtype)
+        """The per-frame ``ResNetStem``; tests override this (e.g. an affine stem) in a
+        subclass."""
+        return ResNetStem(
+            depth=depth_of(self.backbone),
+            width=self.width,
+            cluster_point=self.cluster_point,
+            dtype=self.dtype,
+        )
 
     # ------------------------------------------------------------------ entry points
 
@@ -168,100 +197,56 @@ class FullVideoModel(nn.Module):
         per_step = self.trunk(x, train=train, segment_mask=step_mask)
         return _masked_mean(per_step, step_mask)
 
-    def _stem_function(self, frame_shape):
-        """(pure function (variables, uint8 frames (N, H, W, 3)) -> (N, h, w, c), stem variables).
+    def _folded_stem(self):
+        """(pure function (folded variables, uint8 frames (N, H, W, 3)) -> (N, h, w, c), the
+        unbound folded stem module).
 
-        Flax modules cannot be called inside jax.lax.scan directly, so the scans call an unbound
-        copy of the stem with the stem's own variables passed explicitly: one set of parameters
-        shared by all chunks, and gradients reach them through the closure's argument.
+        Flax modules cannot be called inside jax.lax.scan directly, so the passes call an
+        unbound copy of the stem with its variables passed explicitly: one set of parameters
+        shared by all chunks, and gradients reach them through the function's argument.
         """
-        if self.is_initializing():  # create the stem's variables once
-            self.stem(jnp.zeros((1,) + frame_shape, self.dtype), use_running_average=True)
-        variables = self.stem.variables
-        module = self.stem.clone(parent=None)
-        dtype = self.dtype
+        module = self.stem.clone(parent=None, folded=True)
 
-        def apply(vs, frames):
-            return module.apply(vs, normalize_images(frames, dtype), use_running_average=True)
+        def apply(variables, frames):
+            return module.apply(variables, frames, use_running_average=True)
 
-        return apply, variables
+        return apply, module
+
+    def _choose_plan(self, videos_shape) -> plans.PlanChoice:
+        budget, source = plans.activation_budget_bytes(self.activation_budget_mb)
+        estimates, per_device = plans.estimate(
+            self._folded_stem()[1],
+            self.trunk.clone(parent=None),
+            tuple(videos_shape),
+            num_clusters=self.num_clusters,
+            chunk_size=self.chunk_size,
+            device_count=jax.device_count(),
+        )
+        return plans.PlanChoice(
+            plan=plans.choose(self.plan, estimates, budget),
+            estimates=estimates,
+            budget_bytes=budget,
+            budget_source=source,
+            videos_per_device=per_device,
+        )
 
     def _cluster(self, videos, mask, train):
-        b, t = mask.shape
-        k = self.num_clusters
-        c = min(self.chunk_size, t)
-        n_chunks = -(-t // c)
-        stem_fn, variables = self._stem_function(videos.shape[2:])
-        feat_shape = jax.eval_shape(
-            stem_fn, variables, videos[:, :1].reshape((b,) + videos.shape[2:])
-        ).shape[1:]
-        num_features = int(feat_shape[0] * feat_shape[1] * feat_shape[2])
-
-        def load(i, vs):
-            """Stem of chunk i: frames [s, s+c) read at a = min(s, T-c) (no padding copies).
-
-            Returns activations (B, c, h, w, ch) of frames a..a+c-1, a, s.
-            """
-            s = i * c
-            a = jnp.minimum(s, t - c)
-            frames = jax.lax.dynamic_slice_in_dim(videos, a, c, axis=1)
-            acts = stem_fn(vs, frames.reshape((b * c,) + videos.shape[2:]))
-            return acts.reshape((b, c) + acts.shape[1:]), a, s
-
-        # ---- pass 1: distances only; bits of the last `window` frames are carried.
-        w = self.window
-        frozen = jax.lax.stop_gradient(variables)
-        nbytes = -(-num_features // 8)
-
-        def pass1(carry, i):
-            prev_bits, prev_valid = carry  # (B, w, nbytes), (B, w): frames s-w .. s-1
-            acts, a, s = load(i, frozen)
-            bits = clustering.sign_bits(acts.reshape(b, c, -1))
-            # Align to frames s..s+c-1 (the last chunk was read from a <= s); frames >= T invalid.
-            frame = s + jnp.arange(c)
-            bits = jnp.take(bits, jnp.clip(frame - a, 0, c - 1), axis=1)
-            valid = (frame < t)[None] & jnp.take(mask, jnp.minimum(frame, t - 1), axis=1)
-            buf_bits = jnp.concatenate([prev_bits, bits], axis=1)
-            buf_valid = jnp.concatenate([prev_valid, valid], axis=1)
-            d = clustering.hamming_distances(buf_bits, w, buf_valid, num_features=num_features)
-            # d[:, :c] (frames s-w .. s+c-w-1) have all their `window` successors in the buffer.
-            return (buf_bits[:, c:], buf_valid[:, c:]), d[:, :c]
-
-        init = (jnp.zeros((b, w, nbytes), jnp.uint8), jnp.zeros((b, w), bool))
-        (last_bits, last_valid), ds = jax.lax.scan(pass1, init, jnp.arange(n_chunks))
-        d_tail = clustering.hamming_distances(last_bits, w, last_valid, num_features=num_features)
-        # ds covers frames [-w, n*c - w), d_tail [n*c - w, n*c): drop the w leading dummies.
-        d = jnp.concatenate([jnp.moveaxis(ds, 0, 1).reshape(b, n_chunks * c), d_tail], axis=1)[
-            :, w : w + t
-        ]
-        segment = (
-            clustering.cumulative_segments
-            if self.cluster_method == "cumulative"
-            else clustering.slope_segments
+        if self.is_initializing():  # create the stem's variables once
+            self.stem(jnp.zeros((1,) + videos.shape[2:], self.dtype), use_running_average=True)
+        choice = self._choose_plan(videos.shape)
+        plans.log_once(self.clone(parent=None), choice, videos.shape)
+        stem_apply, _ = self._folded_stem()
+        sums, counts, seg = plans.clustered_sums(
+            choice.plan,
+            stem_apply,
+            fold_stem_batchnorm(self.stem.variables),
+            videos,
+            mask,
+            num_clusters=self.num_clusters,
+            method=self.cluster_method,
+            window=self.window,
+            chunk_size=self.chunk_size,
         )
-        seg = segment(d, k, mask)  # (B, T); padding has id K
-
-        # ---- pass 2: per-segment sums, one rematerialised chunk at a time.
-        # segment_sum is vmapped over the batch (a scatter with a batch dimension) so that a
-        # batch sharded over devices stays sharded.
-        batched_segment_sum = jax.vmap(lambda x, ids: jax.ops.segment_sum(x, ids, k + 1)[:k])
-
-        def chunk_sums(vs, i):
-            acts, a, s = load(i, vs)
-            seg_c = jax.lax.dynamic_slice_in_dim(seg, a, c, axis=1)
-            fresh = (a + jnp.arange(c) >= s)[None]  # frames of the overlap were summed already
-            ids = jnp.where(fresh, seg_c, k)  # id k (padding, overlap) is dropped
-            return batched_segment_sum(acts.astype(jnp.float32), ids)
-
-        chunk_sums = jax.checkpoint(chunk_sums, prevent_cse=False)
-
-        def pass2(acc, i):
-            # The add stays outside the checkpoint: the scan then saves no per-chunk carry.
-            return acc + chunk_sums(variables, i), None
-
-        acc0 = jnp.zeros((b, k) + feat_shape, jnp.float32)
-        sums, _ = jax.lax.scan(pass2, acc0, jnp.arange(n_chunks))
-        counts = jnp.sum((seg[:, :, None] == jnp.arange(k)).astype(jnp.int32), axis=1)  # (B, K)
         means = sums / jnp.maximum(counts, 1).astype(jnp.float32)[..., None, None, None]
         return self._head(means.astype(self.dtype), counts > 0, train), seg
 
@@ -327,4 +312,17 @@ def dense_indices(length, k: int, stride: int, u=None):
     return jnp.clip(idx, 0, jnp.maximum(length - 1, 0))
 
 
-__all__ = ["FullVideoModel", "SAMPLINGS", "dense_indices", "uniform_indices"]
+def choose_plan(model: FullVideoModel, videos_shape) -> plans.PlanChoice:
+    """The plan ``model`` (sampling="cluster") takes for videos of ``videos_shape``
+    (B, T, H, W, 3), with its estimates and budget; traces shapes only, runs nothing."""
+    return model.apply({}, tuple(videos_shape), method=FullVideoModel._choose_plan)
+
+
+__all__ = [
+    "FullVideoModel",
+    "PLANS",
+    "SAMPLINGS",
+    "choose_plan",
+    "dense_indices",
+    "uniform_indices",
+]

@@ -41,13 +41,16 @@ import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 CLUSTER_POINTS = ("maxpool", "stage1", "stage2")
 # depth -> (block kind, blocks per stage)
 _ARCHS = {18: ("basic", (2, 2, 2, 2)), 50: ("bottleneck", (3, 4, 6, 3))}
+BACKBONES = tuple(f"resnet{depth}" for depth in _ARCHS)  # the names `depth_of` accepts
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+_BN_EPSILON = 1e-5
 
 # torchvision initialises convs with kaiming_normal(fan_out, relu).
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -55,10 +58,9 @@ _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 def depth_of(backbone: str) -> int:
     """ "resnet18" -> 18, "resnet50" -> 50; clear error otherwise."""
-    depths = {f"resnet{d}": d for d in _ARCHS}
-    if backbone not in depths:
-        raise ValueError(f"backbone={backbone!r} is not supported; use one of {sorted(depths)}")
-    return depths[backbone]
+    if backbone not in BACKBONES:
+        raise ValueError(f"backbone={backbone!r} is not supported; use one of {BACKBONES}")
+    return int(backbone.removeprefix("resnet"))
 
 
 def normalize_images(images: jnp.ndarray, dtype: Any = jnp.float32) -> jnp.ndarray:
@@ -106,6 +108,7 @@ class _Block(nn.Module):
     downsample: bool
     bottleneck: bool
     shift_segments: int | None = None  # K; None = no temporal shift
+    folded: bool = False  # BatchNorm folded into the convolutions (see fold_stem_batchnorm)
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -113,19 +116,26 @@ class _Block(nn.Module):
     def __call__(self, x, *, use_running_average: bool, bn_mask=None):
         conv = functools.partial(
             nn.Conv,
-            use_bias=False,
+            use_bias=self.folded,
             kernel_init=_conv_init,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
         )
-        bn = functools.partial(
-            nn.BatchNorm,
-            use_running_average=use_running_average,
-            momentum=0.9,
-            epsilon=1e-5,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-        )
+        if self.folded:  # the convolution's bias already holds the frozen BatchNorm
+
+            def bn(name):
+                del name
+                return lambda y, mask=None: y
+
+        else:
+            bn = functools.partial(
+                nn.BatchNorm,
+                use_running_average=use_running_average,
+                momentum=0.9,
+                epsilon=_BN_EPSILON,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+            )
         y = temporal_shift(x, self.shift_segments) if self.shift_segments else x
         if self.bottleneck:
             y = nn.relu(bn(name="bn1")(conv(self.planes, (1, 1), name="conv1")(y), mask=bn_mask))
@@ -182,25 +192,39 @@ class ResNetStem(nn.Module):
     variant: no BatchNorm, no ReLU, average- instead of max-pool, so the stem is an affine map
     of its input and the mean of stem outputs equals the stem of the mean input (used to check
     the averaging premise of the method); it is never used for training.
+
+    ``folded=True`` is the inference form that the full-video model's clustered passes run
+    (its stem BatchNorm uses running statistics there): it takes **uint8** frames, every
+    BatchNorm is folded into the convolution before it (kernel x scale, plus a bias) and the
+    ImageNet normalisation into conv1, so the only per-pixel work before conv1 is one
+    subtraction, in float32 rounded once to ``dtype``. Its parameters come from
+    ``fold_stem_batchnorm(variables)`` of the plain stem (gradients flow through the fold);
+    ``use_running_average`` is ignored.
     """
 
     depth: int = 50
     width: int = 64
     cluster_point: str = "stage1"
     linear: bool = False
+    folded: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, *, use_running_average: bool):
         n_stages = _stages_in_stem(self.cluster_point)
+        if self.folded:
+            # (u/255 - mean)/std = (u - 255 mean) / (255 std): the division sits in conv1's
+            # kernel; the subtraction stays here so that conv1's zero padding is still the
+            # normalised image's zero.
+            x = (x.astype(jnp.float32) - 255.0 * jnp.asarray(IMAGENET_MEAN)).astype(self.dtype)
         x = x.astype(self.dtype)
         x = nn.Conv(
             self.width,
             (7, 7),
             (2, 2),
             padding=((3, 3), (3, 3)),
-            use_bias=False,
+            use_bias=self.folded,
             kernel_init=_conv_init,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
@@ -208,24 +232,75 @@ class ResNetStem(nn.Module):
         )(x)
         if self.linear:
             return nn.avg_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)), count_include_pad=True)
-        x = nn.BatchNorm(
-            use_running_average=use_running_average,
-            momentum=0.9,
-            epsilon=1e-5,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name="bn1",
-        )(x)
+        if not self.folded:
+            x = nn.BatchNorm(
+                use_running_average=use_running_average,
+                momentum=0.9,
+                epsilon=_BN_EPSILON,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name="bn1",
+            )(x)
         x = nn.max_pool(nn.relu(x), (3, 3), (2, 2), padding=((1, 1), (1, 1)))
         in_ch = self.width
         bottleneck = _ARCHS[self.depth][0] == "bottleneck"
         for stage in range(1, n_stages + 1):
             for name, planes, stride, down in _stage_blocks(self.depth, self.width, stage, in_ch):
                 x = _Block(
-                    planes, stride, down, bottleneck, None, self.dtype, self.param_dtype, name=name
+                    planes=planes,
+                    stride=stride,
+                    downsample=down,
+                    bottleneck=bottleneck,
+                    folded=self.folded,
+                    dtype=self.dtype,
+                    param_dtype=self.param_dtype,
+                    name=name,
                 )(x, use_running_average=use_running_average)
                 in_ch = planes * (4 if bottleneck else 1)
         return x
+
+
+# (convolution, the BatchNorm after it) inside a block, torchvision names.
+_CONV_BN_PAIRS = (
+    ("conv1", "bn1"),
+    ("conv2", "bn2"),
+    ("conv3", "bn3"),
+    ("downsample_0", "downsample_1"),
+)
+
+
+def fold_stem_batchnorm(variables: dict) -> dict:
+    """Variables of ``ResNetStem(folded=True)`` from those of the plain ``ResNetStem``.
+
+    With running statistics, BatchNorm is affine per channel: bn(y) = y * s + (bias - mean * s),
+    s = scale / sqrt(var + eps). For y = conv(x, K) (no bias) that is conv(x, K * s) plus that
+    bias, exact up to float rounding. conv1 also takes the ImageNet normalisation
+    (u / 255 - mean) / std of its uint8 input: its kernel is divided by 255 * std per input
+    channel, and the folded stem subtracts 255 * mean before it. A differentiable function
+    of the parameters: gradients with respect to the plain stem's kernels and BatchNorm
+    scales and biases flow through it (the statistics are constants of the step).
+    """
+    params = variables["params"]
+    stats = variables.get("batch_stats", {})
+
+    def fold(conv, bn_params, bn_stats):
+        if bn_params is None:  # the linear test stem: no BatchNorm
+            kernel = conv["kernel"]
+            return {"kernel": kernel, "bias": jnp.zeros(kernel.shape[-1], kernel.dtype)}
+        s = bn_params["scale"] * jax.lax.rsqrt(bn_stats["var"] + _BN_EPSILON)
+        return {"kernel": conv["kernel"] * s, "bias": bn_params["bias"] - bn_stats["mean"] * s}
+
+    folded = {"conv1": fold(params["conv1"], params.get("bn1"), stats.get("bn1"))}
+    per_input_channel = 255.0 * jnp.asarray(IMAGENET_STD, jnp.float32)[:, None]
+    folded["conv1"]["kernel"] = folded["conv1"]["kernel"] / per_input_channel
+    for name, block in params.items():
+        if name.startswith("layer"):
+            folded[name] = {
+                conv: fold(block[conv], block[bn], stats[name][bn])
+                for conv, bn in _CONV_BN_PAIRS
+                if conv in block
+            }
+    return {"params": folded}
 
 
 class ResNetTrunk(nn.Module):
@@ -259,13 +334,13 @@ class ResNetTrunk(nn.Module):
         for stage in range(first, 5):
             for name, planes, stride, down in _stage_blocks(self.depth, self.width, stage, in_ch):
                 x = _Block(
-                    planes,
-                    stride,
-                    down,
-                    bottleneck,
-                    k if self.temporal_shift else None,
-                    self.dtype,
-                    self.param_dtype,
+                    planes=planes,
+                    stride=stride,
+                    downsample=down,
+                    bottleneck=bottleneck,
+                    shift_segments=k if self.temporal_shift else None,
+                    dtype=self.dtype,
+                    param_dtype=self.param_dtype,
                     name=name,
                 )(x, use_running_average=not train, bn_mask=bn_mask)
                 in_ch = planes * (4 if bottleneck else 1)
@@ -290,33 +365,35 @@ class ResNet(nn.Module):
     @nn.compact
     def __call__(self, x, *, train: bool):
         x = ResNetStem(
-            self.depth,
-            self.width,
-            "stage1",
+            depth=self.depth,
+            width=self.width,
+            cluster_point="stage1",
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name="stem",
         )(x, use_running_average=not train)
         x = ResNetTrunk(
-            self.num_classes,
-            self.depth,
-            self.width,
-            "stage1",
-            False,
-            self.dropout_rate,
-            self.dtype,
-            self.param_dtype,
+            num_classes=self.num_classes,
+            depth=self.depth,
+            width=self.width,
+            cluster_point="stage1",
+            temporal_shift=False,
+            dropout_rate=self.dropout_rate,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
             name="trunk",
         )(x[:, None], train=train)
         return x[:, 0]
 
 
 __all__: Sequence[str] = (
+    "BACKBONES",
     "CLUSTER_POINTS",
     "ResNet",
     "ResNetStem",
     "ResNetTrunk",
     "depth_of",
+    "fold_stem_batchnorm",
     "normalize_images",
     "stem_channels",
     "temporal_shift",

@@ -1,0 +1,419 @@
+"""The clustered passes of the full-video model under three memory plans, and the choice.
+
+All three compute the same thing from the stem's activations of every frame: segment ids
+(sign bits -> windowed Hamming distances -> ``clustering.segmenter(method)``), and the
+per-segment float32 sums of the activations, whose gradient hands each member frame its
+segment's cotangent. They differ only in what they keep for the backward pass:
+
+``"unchunked"``
+    the stem runs on all B*T frames at once and autodiff keeps every frame's stem
+    activations (no scan, no rematerialisation): 3 stem-forward equivalents per frame
+    (forward, and the backward's two halves). Memory O(T).
+``"keep_stem"``
+    pass 1 runs the stem chunk by chunk without gradient and keeps its outputs (in the
+    compute dtype: bf16 when the model computes in bfloat16) next to the distances; the
+    forward sums are taken from the kept outputs, so pass 2 has no forward. Its backward
+    (a ``jax.custom_vjp``) recomputes one chunk's stem with ``jax.vjp`` at a time and
+    feeds it the chunk's cotangent gathered from the segment cotangents: 4 stem-forward
+    equivalents per frame. Memory O(T) in stem outputs only (R-50 at 224 px, stage 1:
+    56*56*256 values, 1.6 MB a frame in bf16), plus one chunk's work.
+``"recompute"``
+    pass 1 keeps only the distances; pass 2 is a ``jax.lax.scan`` over chunks whose body
+    is ``jax.checkpoint``-ed, so the backward recomputes each chunk: 5 stem-forward
+    equivalents per frame and memory flat in T (DESIGN.md §2).
+
+In the chunked plans, a chunk whose frames are all padding (for every video of the batch;
+videos are padded to length buckets) is skipped with ``jax.lax.cond``: no stem, no
+gradient work. The last chunk is read at ``T - chunk`` (overlapping the previous one) and
+its frames already seen are masked out, so T need not be a multiple of the chunk size.
+
+The estimate (`estimate`, bytes per device) comes from shapes, at trace time:
+  r = bytes the stem's VJP keeps per frame (its residuals, read off
+      ``jax.eval_shape`` of ``jax.vjp`` of the stem on 2 frames minus 1 frame),
+  o = stem output values per frame, s = bytes of one value in the compute dtype,
+  h = bytes the trunk's VJP keeps per video (K steps), the same way,
+  v = videos per device, c = min(chunk_size, T):
+    common    = v*h + 2*v*K*o*4                      (head; float32 sums, their cotangent)
+    chunk     = v*c*(r + 4*o)                        (one chunk's VJP + float32 cotangent)
+    unchunked = v*T*(r + 4*o) + common
+    keep_stem = max(v*T*o*s + chunk, chunk + common)  (the kept outputs die before the
+                backward, which recomputes from the frames: pass 1 or the backward peaks)
+    recompute = chunk + common
+Parameters, optimizer state and the input videos are not counted: the budget is for
+activations. "auto" takes the first of unchunked, keep_stem, recompute that fits.
+Against XLA's ``memory_analysis()`` temporaries of a whole training step on CPU (float32,
+K=8, chunk 32, one video): ResNet-50 width 16 at 64 px, unchunked 1.03-1.07x of XLA's
+figure at T=32..128 (the per-frame slope within 2 %), recompute 1.35x, keep_stem up to
+1.8x (conservative); the tiny ResNet-18 width 8 at 32 px, unchunked 0.5x (XLA:CPU keeps
+about twice the residuals of so small a network).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+
+from fva_jax import clustering
+
+PLANS = ("auto", "unchunked", "keep_stem", "recompute")
+_FASTEST_FIRST = ("unchunked", "keep_stem", "recompute")
+# activation_budget_mb = -1: this fraction of the device's memory (what JAX reports as
+# bytes_limit); the rest is left to parameters, optimizer state, the input videos and
+# XLA's own temporaries.
+DEVICE_MEMORY_FRACTION = 0.6
+# ... and where the device reports no memory (CPU): a budget a laptop can afford.
+NO_REPORT_BUDGET_MB = 2048.0
+
+
+def activation_budget_bytes(budget_mb: float) -> tuple[int, str]:
+    """(budget in bytes, where it came from) for ``activation_budget_mb``."""
+    if budget_mb > 0:
+        return int(budget_mb * 2**20), "model.activation_budget_mb"
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if stats.get("bytes_limit"):
+        limit = int(stats["bytes_limit"])
+        return (
+            int(DEVICE_MEMORY_FRACTION * limit),
+            f"{DEVICE_MEMORY_FRACTION} of the device's {limit / 2**30:.1f} GiB",
+        )
+    return int(NO_REPORT_BUDGET_MB * 2**20), "the default for devices that report no memory"
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanChoice:
+    """The plan a batch shape gets, and the estimates it was chosen from (bytes per device)."""
+
+    plan: str
+    estimates: dict
+    budget_bytes: int
+    budget_source: str
+    videos_per_device: int
+
+    def describe(self) -> str:
+        est = ", ".join(f"{p} {b / 2**20:.1f} MiB" for p, b in self.estimates.items())
+        return (
+            f"plan {self.plan} ({self.videos_per_device} video(s) per device; estimated "
+            f"activation memory {est}; budget {self.budget_bytes / 2**20:.0f} MiB, "
+            f"{self.budget_source})"
+        )
+
+
+def _abstract(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
+
+def _residual_bytes(fn, params, *inputs) -> int:
+    """Bytes that ``jax.vjp(fn, params)`` keeps for the backward pass (traced, not run)."""
+    pullback = jax.eval_shape(lambda p, *x: jax.vjp(lambda q: fn(q, *x), p)[1], params, *inputs)
+    return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(pullback))
+
+
+@functools.lru_cache(maxsize=64)
+def _per_item_bytes(stem, trunk, frame_shape, num_clusters):
+    """(stem VJP bytes per frame, stem output shape and dtype, trunk VJP bytes per video).
+
+    Residuals hold the parameters once plus a part linear in the batch: the difference
+    between a batch of 2 and of 1 is the part per frame (per video for the trunk).
+    """
+
+    def frames(n):
+        return jax.ShapeDtypeStruct((n,) + frame_shape, jnp.uint8)
+
+    stem_vars = _abstract(
+        jax.eval_shape(
+            lambda f: stem.init(jax.random.key(0), f, use_running_average=True), frames(1)
+        )
+    )
+
+    def run_stem(params, x, others):
+        return stem.apply({**others, "params": params}, x, use_running_average=True)
+
+    others = {key: value for key, value in stem_vars.items() if key != "params"}
+
+    def stem_bytes(n):
+        return _residual_bytes(run_stem, stem_vars["params"], frames(n), others)
+
+    out = jax.eval_shape(run_stem, stem_vars["params"], frames(1), others)
+
+    def steps(b):
+        return jax.ShapeDtypeStruct((b, num_clusters) + out.shape[1:], out.dtype)
+
+    trunk_vars = _abstract(
+        jax.eval_shape(lambda x: trunk.init(jax.random.key(0), x, train=False), steps(1))
+    )
+
+    def run_trunk(params, x, batch_stats):
+        logits, _ = trunk.apply(
+            {"params": params, "batch_stats": batch_stats},
+            x,
+            train=True,
+            rngs={"dropout": jax.random.key(0)},
+            mutable=["batch_stats"],
+        )
+        return logits
+
+    def trunk_bytes(b):
+        return _residual_bytes(
+            run_trunk, trunk_vars["params"], steps(b), trunk_vars.get("batch_stats", {})
+        )
+
+    return (
+        stem_bytes(2) - stem_bytes(1),
+        jax.ShapeDtypeStruct(out.shape[1:], out.dtype),
+        trunk_bytes(2) - trunk_bytes(1),
+    )
+
+
+def estimate(
+    stem, trunk, videos_shape, *, num_clusters: int, chunk_size: int, device_count: int
+) -> tuple[dict, int]:
+    """({plan: estimated activation bytes per device}, videos per device); see the docstring.
+
+    stem: the folded ``ResNetStem`` (unbound) the clustered passes run on uint8 frames;
+    trunk: the unbound ``ResNetTrunk``; videos_shape: (B, T, H, W, 3) of the whole batch,
+    which is split over ``device_count`` devices.
+    """
+    b, t = videos_shape[:2]
+    v = -(-b // device_count)
+    r, out, h = _per_item_bytes(stem, trunk, tuple(videos_shape[2:]), num_clusters)
+    o = math.prod(out.shape)
+    c = min(chunk_size, t)
+    common = v * h + 2 * v * num_clusters * o * 4
+    chunk = v * c * (r + 4 * o)
+    return {
+        "unchunked": v * t * (r + 4 * o) + common,
+        "keep_stem": max(v * t * o * out.dtype.itemsize + chunk, chunk + common),
+        "recompute": chunk + common,
+    }, v
+
+
+def choose(plan: str, estimates: dict, budget: int) -> str:
+    """The requested plan, or for "auto" the fastest whose estimate fits the budget."""
+    if plan != "auto":
+        return plan
+    for name in _FASTEST_FIRST:
+        if estimates[name] <= budget:
+            return name
+    return "recompute"  # nothing fits: the plan whose memory does not grow with T
+
+
+_logged: set = set()
+
+
+def log_once(key, choice: PlanChoice, videos_shape) -> None:
+    """Logs the plan once per (model, batch shape): tracing repeats for init, grad, eval."""
+    if (key, tuple(videos_shape)) in _logged:
+        return
+    _logged.add((key, tuple(videos_shape)))
+    logging.info("FullVideoModel, videos %s: %s", tuple(videos_shape), choice.describe())
+    if choice.estimates[choice.plan] > choice.budget_bytes:
+        logging.warning(
+            "FullVideoModel, videos %s: plan %s is estimated at %.0f MiB, over the activation "
+            "budget of %.0f MiB; lower data.frames_per_device or model.chunk_size",
+            tuple(videos_shape),
+            choice.plan,
+            choice.estimates[choice.plan] / 2**20,
+            choice.budget_bytes / 2**20,
+        )
+
+
+# ----------------------------------------------------------------------------- the passes
+
+
+def _segment_sums(x, ids, k):
+    """x (B, N, ...) float32, ids (B, N) in 0..K (K = dropped) -> (B, K, ...) sums.
+
+    vmapped over the batch (a scatter with a batch dimension), so that a batch sharded
+    over devices stays sharded.
+    """
+    return jax.vmap(lambda xb, ib: jax.ops.segment_sum(xb, ib, k + 1)[:k])(x, ids)
+
+
+class _Chunks:
+    """Chunk geometry: chunk i holds frames s = i*c .. s+c-1 and is read at a = min(s, T-c)."""
+
+    def __init__(self, stem_apply: Callable, videos, chunk_size: int):
+        self.stem_apply = stem_apply
+        self.videos = videos
+        self.b, self.t = videos.shape[:2]
+        self.c = min(chunk_size, self.t)
+        self.n = -(-self.t // self.c)
+
+    def window(self, i):
+        s = i * self.c
+        return s, jnp.minimum(s, self.t - self.c)
+
+    def stem(self, variables, a):
+        """Stem outputs (B, c, h, w, ch) of frames a .. a+c-1."""
+        frames = jax.lax.dynamic_slice_in_dim(self.videos, a, self.c, axis=1)
+        acts = self.stem_apply(variables, frames.reshape((-1,) + frames.shape[2:]))
+        return acts.reshape((self.b, self.c) + acts.shape[1:])
+
+    def fresh_ids(self, seg, s, a, k):
+        """Segment ids of frames a .. a+c-1, with K (dropped) on frames before s (seen)."""
+        ids = jax.lax.dynamic_slice_in_dim(seg, a, self.c, axis=1)
+        return jnp.where((a + jnp.arange(self.c) >= s)[None], ids, k)
+
+
+def _distances(chunks: _Chunks, variables, mask, out, window: int, keep: bool):
+    """Pass 1 (no gradient): distances (B, T) and, with keep, the stem outputs (B, T, ...).
+
+    Only the distances (and the kept outputs) leave a chunk; the packed bits of the last
+    ``window`` frames are carried so that windows cross chunk boundaries.
+    """
+    b, t, c = chunks.b, chunks.t, chunks.c
+    num_features = math.prod(out.shape)
+    nbytes = -(-num_features // 8)
+    zeros = jnp.zeros((b, c) + out.shape, out.dtype)
+
+    def body(carry, i):
+        prev_bits, prev_valid, kept = carry  # bits, validity of frames s-w .. s-1
+        s, a = chunks.window(i)
+        read = jax.lax.dynamic_slice_in_dim(mask, a, c, axis=1)
+        # All-padding chunks (the read frames of every video) skip the stem.
+        acts = jax.lax.cond(jnp.any(read), lambda a: chunks.stem(variables, a), lambda a: zeros, a)
+        if keep:  # the overlap of the last chunk is rewritten with the same values
+            kept = jax.lax.dynamic_update_slice_in_dim(kept, acts, a, axis=1)
+        bits = clustering.sign_bits(acts.reshape(b, c, -1))
+        # Align to frames s..s+c-1 (the last chunk was read from a <= s); frames >= T invalid.
+        frame = s + jnp.arange(c)
+        bits = jnp.take(bits, jnp.clip(frame - a, 0, c - 1), axis=1)
+        valid = (frame < t)[None] & jnp.take(mask, jnp.minimum(frame, t - 1), axis=1)
+        buf_bits = jnp.concatenate([prev_bits, bits], axis=1)
+        buf_valid = jnp.concatenate([prev_valid, valid], axis=1)
+        d = clustering.hamming_distances(buf_bits, window, buf_valid, num_features=num_features)
+        # d[:, :c] (frames s-w .. s+c-w-1) have all their `window` successors in the buffer.
+        return (buf_bits[:, c:], buf_valid[:, c:], kept), d[:, :c]
+
+    kept0 = jnp.zeros((b, t) + out.shape, out.dtype) if keep else None
+    init = (jnp.zeros((b, window, nbytes), jnp.uint8), jnp.zeros((b, window), bool), kept0)
+    (last_bits, last_valid, kept), ds = jax.lax.scan(body, init, jnp.arange(chunks.n))
+    d_tail = clustering.hamming_distances(last_bits, window, last_valid, num_features=num_features)
+    # ds covers frames [-w, n*c - w), d_tail [n*c - w, n*c): drop the w leading dummies.
+    d = jnp.concatenate([jnp.moveaxis(ds, 0, 1).reshape(b, -1), d_tail], axis=1)
+    return d[:, window : window + t], kept
+
+
+def _recomputed_sums(chunks: _Chunks, variables, seg, k, out):
+    """Pass 2 of "recompute": per-segment sums, one rematerialised chunk at a time."""
+    zeros = jnp.zeros((chunks.b, k) + out.shape, jnp.float32)
+
+    def chunk_sums(vs, i):
+        s, a = chunks.window(i)
+        ids = chunks.fresh_ids(seg, s, a, k)
+
+        def compute(vs):
+            return _segment_sums(chunks.stem(vs, a).astype(jnp.float32), ids, k)
+
+        return jax.lax.cond(jnp.any(ids < k), compute, lambda vs: zeros, vs)
+
+    chunk_sums = jax.checkpoint(chunk_sums, prevent_cse=False)
+
+    def body(acc, i):
+        # The add stays outside the checkpoint: the scan then saves no per-chunk carry.
+        return acc + chunk_sums(variables, i), None
+
+    sums, _ = jax.lax.scan(body, zeros, jnp.arange(chunks.n))
+    return sums
+
+
+def _kept_sums(chunks: _Chunks, variables, kept, seg, k):
+    """Sums of "keep_stem": forward from the kept outputs, backward one chunk's VJP at a time."""
+    b, c = chunks.b, chunks.c
+    feat_shape = kept.shape[2:]
+
+    @jax.custom_vjp
+    def sums_of(variables, kept, seg):
+        def body(acc, i):
+            s, a = chunks.window(i)
+            acts = jax.lax.dynamic_slice_in_dim(kept, a, c, axis=1).astype(jnp.float32)
+            return acc + _segment_sums(acts, chunks.fresh_ids(seg, s, a, k), k), None
+
+        sums, _ = jax.lax.scan(
+            body, jnp.zeros((b, k) + feat_shape, jnp.float32), jnp.arange(chunks.n)
+        )
+        return sums
+
+    def forward(variables, kept, seg):
+        return sums_of(variables, kept, seg), (variables, seg)
+
+    def backward(residuals, g):
+        variables, seg = residuals
+        g = jnp.concatenate([g, jnp.zeros_like(g[:, :1])], axis=1)  # id K: no cotangent
+
+        def body(acc, i):
+            s, a = chunks.window(i)
+            ids = chunks.fresh_ids(seg, s, a, k)
+
+            def compute(acc):
+                acts, pullback = jax.vjp(lambda vs: chunks.stem(vs, a), variables)
+                cotangent = jax.vmap(lambda gb, ib: gb[ib])(g, ids).astype(acts.dtype)
+                return jax.tree.map(jnp.add, acc, pullback(cotangent)[0])
+
+            return jax.lax.cond(jnp.any(ids < k), compute, lambda acc: acc, acc), None
+
+        grads, _ = jax.lax.scan(body, jax.tree.map(jnp.zeros_like, variables), jnp.arange(chunks.n))
+        return grads, None, None
+
+    sums_of.defvjp(forward, backward)
+    return sums_of(variables, jax.lax.stop_gradient(kept), seg)
+
+
+def clustered_sums(
+    plan: str,
+    stem_apply: Callable,
+    variables,
+    videos,
+    mask,
+    *,
+    num_clusters: int,
+    method: str,
+    window: int,
+    chunk_size: int,
+):
+    """Segment ids and per-segment sums of the stem outputs of every frame, by ``plan``.
+
+    Args:
+      plan: "unchunked" | "keep_stem" | "recompute" (see the module docstring).
+      stem_apply: (variables, uint8 frames (N, H, W, 3)) -> stem outputs (N, h, w, c).
+      variables: the stem's variables (gradients reach them through every plan).
+      videos: (B, T, H, W, 3) uint8; mask: (B, T) bool, valid frames first.
+
+    Returns:
+      (sums (B, K, h, w, c) float32, counts (B, K) int32, segment ids (B, T) int32 with
+      K on padding).
+    """
+    b, t = mask.shape
+    k = num_clusters
+    segment = clustering.segmenter(method)
+    if plan == "unchunked":
+        acts = stem_apply(variables, videos.reshape((b * t,) + videos.shape[2:]))
+        acts = acts.reshape((b, t) + acts.shape[1:])
+        flat = jax.lax.stop_gradient(acts).reshape(b, t, -1)
+        d = clustering.hamming_distances(
+            clustering.sign_bits(flat), window, mask, num_features=flat.shape[-1]
+        )
+        seg = segment(d, k, mask)
+        sums = _segment_sums(acts.astype(jnp.float32), seg, k)
+    elif plan in ("keep_stem", "recompute"):
+        chunks = _Chunks(stem_apply, videos, chunk_size)
+        out = jax.eval_shape(stem_apply, variables, videos[:1, 0])
+        out = jax.ShapeDtypeStruct(out.shape[1:], out.dtype)
+        frozen = jax.lax.stop_gradient(variables)
+        keep = plan == "keep_stem"
+        d, kept = _distances(chunks, frozen, mask, out, window, keep)
+        seg = segment(d, k, mask)  # (B, T); padding has id K
+        if keep:
+            sums = _kept_sums(chunks, variables, kept, seg, k)
+        else:
+            sums = _recomputed_sums(chunks, variables, seg, k, out)
+    else:
+        raise ValueError(f"plan={plan!r}; use one of {_FASTEST_FIRST} (or 'auto' in the model)")
+    counts = jnp.sum((seg[:, :, None] == jnp.arange(k)).astype(jnp.int32), axis=1)
+    return sums, counts, seg
