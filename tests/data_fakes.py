@@ -417,3 +417,15 @@ def read_gradient(video: np.ndarray) -> dict:
         flipped=left > right,
         per_frame_red=red.mean(axis=(1, 2)),
     )
+
+
+class CountingStep:
+    """A picklable step function for Grain that records each call as a file in `folder`
+    (calls made in worker processes are seen by the test process)."""
+
+    def __init__(self, folder):
+        self.folder = pathlib.Path(folder)
+
+    def __call__(self, index):
+        (self.folder / f"{index:06d}").touch()
+        return {"x": np.full((4,), index)}

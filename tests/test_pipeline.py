@@ -362,6 +362,27 @@ def test_workers_give_the_same_batches_as_the_main_process(data_dir):
     with_workers.close()
 
 
+@pytest.mark.parametrize("workers, prefetch", [(0, 2), (2, 2), (1, 4)])  # bounds 3, 9, 7
+def test_steps_in_memory_are_bounded(tmp_path, workers, prefetch):
+    """Host memory: a consumer that holds one step and waits leaves at most
+    max_steps_in_memory steps made (buffered, being decoded, held)."""
+    import time  # pylint: disable=g-import-not-at-top
+
+    calls = tmp_path / "calls"
+    calls.mkdir()
+    it = pipeline._grain_iterator(data_fakes.CountingStep(calls), 0, 100, workers, prefetch)
+    assert next(it)["x"][0] == 0
+    bound = pipeline.max_steps_in_memory(workers, prefetch)
+    deadline = time.time() + 60
+    while len(os.listdir(calls)) < bound - 1 and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)  # anything beyond the bound would have been made by now
+    made = len(os.listdir(calls))
+    assert bound - 1 <= made <= bound, (made, bound)
+    assert [next(it)["x"][0] for _ in range(5)] == [1, 2, 3, 4, 5]  # in order
+    pipeline._close(it)
+
+
 # --------------------------------------------------------------------------- hosts
 
 

@@ -304,6 +304,12 @@ class SparseEvents(_Builder):
             spec=se.LONG_SPEC,
         ),
         SparseEventsConfig(
+            name="long_slice",
+            description="The first 24 train / 6 test videos of `long` (the same videos), "
+            "for benchmarks.",
+            spec=dataclasses.replace(se.LONG_SPEC, num_train=24, num_test=6),
+        ),
+        SparseEventsConfig(
             name="long_tiny",
             description="For tests: `long` scaled down 32x in time, 16 / 8 videos of 10-280 "
             "frames (lognormal, mean 75), 32x32, 3-frame events, 4 classes.",

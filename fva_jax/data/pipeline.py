@@ -38,8 +38,10 @@ enlarging). All randomness is a function of (config.seed, epoch, video index).
 
 Reading: a Grain `MapDataset` over the steps, each element one step of this process, computed
 in `data.num_workers` worker processes (0 = in this process) with `data.prefetch` steps
-buffered ahead. No shuffle buffer holds videos: at most prefetch + num_workers steps exist
-at once, each at most local devices x max(frames_per_device, longest bucket) frames. A
+buffered ahead. No shuffle buffer holds videos: at most `max_steps_in_memory` steps exist
+at once (prefetch + 1 in this process; with workers about prefetch + 2 x num_workers + 1,
+at least 4 x num_workers + 1, as Grain buffers each worker's output on both sides), each
+at most local devices x max(frames_per_device, longest bucket) frames. A
 training stream runs on across epoch boundaries (workers started once, steps of the next
 epoch prefetched), as long as the epochs are read in order.
 """
@@ -219,6 +221,38 @@ def crop_resize(frame: np.ndarray, window, size: int, flip: bool, out: np.ndarra
     out[...] = crop[:, ::-1] if flip else crop
 
 
+def jpeg_size(jpeg: bytes, name: str = "video") -> tuple[int, int]:
+    """(height, width) from a JPEG header (nothing decoded)."""
+    import simplejpeg  # pylint: disable=g-import-not-at-top
+
+    try:
+        return tuple(simplejpeg.decode_jpeg_header(jpeg)[:2])
+    except ValueError as e:
+        raise DataError(f"{name}: frame 0 is not a JPEG ({e})") from None
+
+
+def decode_frames(jpegs, frame_ids, window, flip: bool, size: int, out, name: str = "video"):
+    """Decodes jpegs[frame_ids] (simplejpeg), crops `window`, resizes to (size, size) and
+    flips into out[:len(frame_ids)]; DataError naming `name` and the frame on bad data."""
+    import simplejpeg  # pylint: disable=g-import-not-at-top
+
+    h, w = window[0] + window[2], window[1] + window[3]  # at least this big
+    first = None
+    for o, f in enumerate(frame_ids):
+        try:
+            frame = simplejpeg.decode_jpeg(jpegs[f], colorspace="RGB")
+        except ValueError as e:
+            raise DataError(f"{name}: frame {f} cannot be decoded ({e})") from None
+        if first is None:
+            first = frame.shape
+        if frame.shape != first or frame.shape[0] < h or frame.shape[1] < w:
+            raise DataError(
+                f"{name}: frame {f} is {frame.shape[1]}x{frame.shape[0]}, other frames "
+                f"{first[1]}x{first[0]} (crop window {window})"
+            )
+        crop_resize(frame, window, size, flip, out[o])
+
+
 def uniform_indices(length: int, k: int, u=None) -> np.ndarray:
     """TSN sampling on the host: NumPy twin of models.full_video.uniform_indices for one
     video (float32 arithmetic, so equal for the same uniforms u (K,))."""
@@ -396,8 +430,6 @@ class _StepReader:
 
     def _read_video(self, video: int, epoch: int, out: np.ndarray) -> int:
         """Decodes video `video`'s selected frames into out[:n]; returns n."""
-        import simplejpeg  # pylint: disable=g-import-not-at-top
-
         split, settings = self._split, self._settings
         video_id = split.video_ids[video]
         where = split.where(video)
@@ -418,33 +450,39 @@ class _StepReader:
         chosen = frame_selection(
             indexed, settings, self._spec.mode, train=self._train, epoch=epoch, video=video
         )
-        try:
-            h, w = simplejpeg.decode_jpeg_header(jpegs[0])[:2]
-        except ValueError as e:
-            raise DataError(f"video {video_id!r} in {where}: frame 0 is not a JPEG ({e})") from None
+        name = f"video {video_id!r} in {where}"
+        h, w = jpeg_size(jpegs[0], name)
         if self._train:
             u = _rng(settings.seed, epoch, video, _CROP_STREAM).random(4)
             window, flip = train_crop_window(h, w, settings.crop_scales, settings.hflip, u)
         else:
             window = centre_crop_window(h, w, settings.crop_size, settings.resize_short)
             flip = False
-        for o, f in enumerate(chosen):
-            try:
-                frame = simplejpeg.decode_jpeg(jpegs[f], colorspace="RGB")
-            except ValueError as e:
-                raise DataError(
-                    f"video {video_id!r} in {where}: frame {f} cannot be decoded ({e})"
-                ) from None
-            if frame.shape[:2] != (h, w):
-                raise DataError(
-                    f"video {video_id!r} in {where}: frame {f} is {frame.shape[1]}x"
-                    f"{frame.shape[0]}, frame 0 is {w}x{h}"
-                )
-            crop_resize(frame, window, settings.crop_size, flip, out[o])
+        decode_frames(jpegs, chosen, window, flip, settings.crop_size, out, name)
         return len(chosen)
 
 
 # --------------------------------------------------------------------------- streams
+
+
+def _worker_buffer(num_workers: int, prefetch: int) -> int:
+    # Grain buffers each worker's steps twice: in the worker's output queue and in the
+    # thread that reads that queue in this process; together about `prefetch` steps.
+    return max(1, math.ceil(prefetch / (2 * num_workers)))
+
+
+def max_steps_in_memory(num_workers: int, prefetch: int) -> int:
+    """Most steps that exist at once (host memory for videos is this x the largest step).
+
+    In this process (num_workers 0): `prefetch` buffered + the one the consumer holds.
+    With Grain workers, per worker: its output queue and the reading thread's buffer in this
+    process (buffer b each, about prefetch / 2 / num_workers, at least 1), the step it is
+    making and the one the reading thread holds, so num_workers * (2b + 2) + 1 (measured by
+    tests/test_pipeline.py::test_steps_in_memory_are_bounded); at least 4 * num_workers + 1.
+    """
+    if num_workers > 0:
+        return num_workers * (2 * _worker_buffer(num_workers, prefetch) + 2) + 1
+    return prefetch + 1
 
 
 def _grain_iterator(reader, start: int, stop: int, num_workers: int, prefetch: int):
@@ -459,12 +497,12 @@ def _grain_iterator(reader, start: int, stop: int, num_workers: int, prefetch: i
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
         # Workers compute their steps one at a time (no threads, no read-ahead inside a
-        # worker); `prefetch` steps wait in the workers' output buffers.
+        # worker); about `prefetch` steps wait in buffers (see max_steps_in_memory).
         ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
         ds = ds.mp_prefetch(
             grain.MultiprocessingOptions(
                 num_workers=num_workers,
-                per_worker_buffer_size=max(1, math.ceil(prefetch / num_workers)),
+                per_worker_buffer_size=_worker_buffer(num_workers, prefetch),
             )
         )
     else:
