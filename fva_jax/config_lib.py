@@ -95,14 +95,24 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.manual_dir = ""  # where the official download was unpacked; "" = TFDS default
     c.data.train_split = "train"
     c.data.eval_split = "test"
-    c.data.max_frames = 256  # every video is padded/capped to this many frames
+    # Frames after the stride kept per video: 0 = no cap (every frame; the default). A cap > 0
+    # drops the end of longer videos: only by explicit choice.
+    c.data.max_frames = 0
     c.data.frame_stride = 1
     c.data.resize_short = 256  # shorter side after decoding, before cropping
     c.data.crop_size = 224
     c.data.crop_scales = (1.0, 0.875, 0.75, 0.66)  # TSM multi-scale crop
     c.data.hflip = True
-    c.data.shuffle_buffer = 256
     c.data.skip_corrupt = True
+    # Full-video steps are planned from the videos' lengths (fva_jax/data/batch_plan.py):
+    # videos grouped into length buckets (padded lengths, multiples of model.chunk_size), a
+    # step holding max(1, frames_per_device // bucket) videos per device (a video longer than
+    # the budget gets one video per device).
+    c.data.frames_per_device = 4096  # frame budget of one full-video step on one device
+    c.data.max_buckets = 16  # buckets chosen from the split's lengths (<= this many shapes)
+    c.data.bucket_lengths = ()  # explicit bucket lengths instead ((): choose them)
+    c.data.num_workers = 2  # Grain worker processes decoding steps (0 = in this process)
+    c.data.prefetch = 2  # steps buffered ahead
 
     c.model = ml_collections.ConfigDict()
     c.model.backbone = "resnet50"
@@ -291,7 +301,7 @@ def validate_config(
         value = _get(config, field)
         if not isinstance(value, str) or not value:
             _fail(field, f"must be a non-empty split name, got {value!r}")
-    _int_at_least(config, "data.max_frames", 1)
+    _int_at_least(config, "data.max_frames", 0)
     _int_at_least(config, "data.frame_stride", 1)
     _int_at_least(config, "data.crop_size", 1)
     _int_at_least(config, "data.resize_short", 1)
@@ -311,13 +321,16 @@ def validate_config(
     for field in ("data.hflip", "data.skip_corrupt"):
         if not isinstance(_get(config, field), bool):
             _fail(field, f"must be True or False, got {_get(config, field)!r}")
-    _int_at_least(config, "data.shuffle_buffer", 1)
+    _int_at_least(config, "data.frames_per_device", 1)
+    _int_at_least(config, "data.max_buckets", 1)
+    _int_at_least(config, "data.num_workers", 0)
+    _int_at_least(config, "data.prefetch", 0)
 
     # Model.
     _one_of(config, "model.backbone", names["model.backbone"])
     _int_at_least(config, "model.width", 1)
     _int_at_least(config, "model.num_clusters", 1)
-    if config.model.num_clusters > config.data.max_frames:
+    if 0 < config.data.max_frames < config.model.num_clusters:
         _fail(
             "model.num_clusters",
             f"must be <= config.data.max_frames "
@@ -340,6 +353,25 @@ def validate_config(
             "model.activation_budget_mb",
             f"must be a number of MiB > 0, or -1 for the device's memory; got {budget!r}",
         )
+    # Data fields that depend on the model's chunk size.
+    chunk = config.model.chunk_size
+    if config.data.frames_per_device < chunk:
+        _fail(
+            "data.frames_per_device",
+            f"must hold at least one chunk (config.model.chunk_size = {chunk}), "
+            f"got {config.data.frames_per_device}",
+        )
+    buckets = config.data.bucket_lengths
+    if not isinstance(buckets, (tuple, list)) or not all(
+        _is_int(b) and b > 0 and b % chunk == 0 for b in buckets
+    ):
+        _fail(
+            "data.bucket_lengths",
+            f"must be a tuple of positive multiples of config.model.chunk_size ({chunk}), "
+            f"or () to choose buckets from the lengths, got {buckets!r}",
+        )
+    if list(buckets) != sorted(set(buckets)):
+        _fail("data.bucket_lengths", f"must be strictly increasing, got {tuple(buckets)}")
 
     # Training length and batch.
     _int_at_least(config, "train.batch_size", 1)

@@ -6,6 +6,10 @@ expected content: {builder_config: {split: {video_id: (label, num_frames, grey)}
 Every video is a flat grey frame sequence with its own grey level `grey`, so a test
 can tell which file ended up in which example.
 
+`GradientVideos` is a TFDS builder of videos whose pixels say where they come from
+(red = 4 * x, green = 4 * y, blue = 8 * frame index), so that tests can read crop geometry,
+flips and the chosen frames off a batch.
+
 Used by tests/test_builders.py, tests/test_pipeline.py and the trainer tests.
 """
 
@@ -16,9 +20,13 @@ import json
 import pathlib
 
 import numpy as np
+import tensorflow_datasets as tfds
+from etils import epath
 from PIL import Image
 
-from fva_jax.data.video import encode_video
+from fva_jax.data import builders
+from fva_jax.data import sparse_events as se
+from fva_jax.data.video import encode_jpegs, encode_video
 
 # Small frames (even sizes for yuv420p). H < W like the real sets (landscape).
 H, W = 24, 32
@@ -324,3 +332,100 @@ WRITERS = {
     "something_something_v1": write_something_something_v1,
     "something_something_v2": write_something_something_v2,
 }
+
+
+# --------------------------------------------------------------------------- gradient videos
+
+GRADIENT_H, GRADIENT_W = 48, 64
+
+
+def gradient_frames(t: int) -> np.ndarray:
+    """uint8 (t, 48, 64, 3): red = 4 * x, green = 4 * y, blue = 8 * frame index."""
+    y, x = np.mgrid[0:GRADIENT_H, 0:GRADIENT_W]
+    f = np.stack([x * 4, y * 4, np.zeros_like(x)], -1)
+    out = np.repeat(f[None], t, axis=0)
+    out[..., 2] = 8 * np.arange(t)[:, None, None]
+    return out.astype(np.uint8)
+
+
+def gradient_length(split: str, index: int) -> int:
+    """Frames of video `index` of `split`: 5..31, varied."""
+    return 5 + (7 * index + (3 if split == "test" else 0)) % 27
+
+
+class GradientVideos(builders.SparseEvents):
+    """sparse_events' features with gradient_frames videos (48x64) of gradient_length frames;
+    label = index % 4. Config "grad": 8 train, 5 test videos."""
+
+    # TFDS reads metadata files from the builder's package; use the real builders'.
+    pkg_dir_path = epath.Path(builders.__file__).parent
+    BUILDER_CONFIGS = [
+        builders.SparseEventsConfig(
+            name="grad",
+            spec=se.SparseEventsSpec(
+                num_classes=4,
+                num_train=8,
+                num_test=5,
+                min_frames=5,
+                max_frames=31,
+                size=32,
+                event_frames=1,
+            ),
+            jpeg_quality=95,
+        )
+    ]
+
+    def _info(self):
+        return self.dataset_info_from_configs(
+            features=builders.video_features(
+                tfds.features.ClassLabel(names=se.class_names(4)),
+                event_start=tfds.features.Scalar(np.int32),
+            ),
+        )
+
+    def _generate_examples(self, split, n):
+        for i in range(n):
+            t = gradient_length(split, i)
+            vid = f"{split}/{i:06d}"
+            yield (
+                vid,
+                {
+                    "video": encode_jpegs(gradient_frames(t), self.builder_config.jpeg_quality),
+                    "num_frames": t,
+                    "label": i % 4,
+                    "video_id": vid,
+                    "event_start": 0,
+                },
+            )
+
+
+def read_gradient(video: np.ndarray) -> dict:
+    """What a (T, c, c, 3) crop of gradient frames shows: frame index per frame, mean x and y
+    of the source pixels (centre of the crop), its extent in source pixels, and whether it is
+    mirrored. Endpoints are pixel centres: extent = (last - first) * c / (c - 1)."""
+    v = video.astype(np.float64)
+    c = v.shape[1]
+    red, green = v[..., 0] / 4, v[..., 1] / 4
+    left, right = red[:, :, 0].mean(), red[:, :, -1].mean()
+    top, bottom = green[:, 0].mean(), green[:, -1].mean()
+    return dict(
+        frames=np.round(v[..., 2].mean(axis=(1, 2)) / 8).astype(int),
+        x=red.mean(),
+        y=green.mean(),
+        width=abs(right - left) * c / (c - 1),
+        height=(bottom - top) * c / (c - 1),
+        flipped=left > right,
+        per_frame_red=red.mean(axis=(1, 2)),
+    )
+
+
+class CountingStep:
+    """A picklable step function for Grain that records each call as a file in `folder`
+    (calls made in worker processes are seen by the test process)."""
+
+    def __init__(self, folder):
+        self.folder = pathlib.Path(folder)
+
+    def __call__(self, index):
+        (self.folder / f"{index:06d}").touch()
+        return {"x": np.full((4,), index)}

@@ -1,9 +1,12 @@
 """TFDS builders built from tiny fake copies of the official layouts (tests/data_fakes.py)."""
 
+import json
+
 import data_fakes
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from etils import epath
 
 from fva_jax.data import builders
 from fva_jax.data import sparse_events as se
@@ -18,7 +21,12 @@ def _build(name, config, tmp_path, manual_dir, **kw):
 
 
 def _read(b, split):
-    return {ex["video_id"].decode(): ex for ex in tfds.as_numpy(b.as_dataset(split=split))}
+    """{video_id: example} through TFDS's own data_source (NumPy decoding, no TensorFlow)."""
+    out = {}
+    for ex in b.as_data_source(split):
+        ex["video"] = np.stack(ex["video"])
+        out[ex["video_id"].decode()] = ex
+    return out
 
 
 def _check_split(b, split, expected):
@@ -53,6 +61,15 @@ def test_builds_official_layout(tmp_path, name, config, class_names):
     again = builders.get_builder(name, config, str(tmp_path / "tfds"))
     assert again.is_prepared()
     assert again.info.features["label"].names == class_names
+    assert str(again.version) == "2.0.0" and again.info.file_format.value == "array_record"
+    # The frame index lists every record's frame count in data_source order.
+    index = builders.read_frame_index(again)
+    for split, exp in expected.items():
+        listed = {}
+        for f in again.info.splits[split].file_instructions:
+            entry = index[f.filename.split("/")[-1]]
+            listed.update(zip(entry["video_id"], entry["num_frames"].tolist()))
+        assert listed == {vid: t for vid, (_, t, _) in exp.items()}
 
 
 def test_breakfast_other_split_and_storage_resize(tmp_path):
@@ -216,3 +233,91 @@ def test_build_command_line(tmp_path):
         text=True,
     )
     assert bad.returncode == 1 and "testTrainMulti_7030_splits" in bad.stderr
+
+
+# --------------------------------------------------------------------------- index, versions
+
+
+def test_frame_index_follows_data_source_order(tmp_path):
+    b = _build("sparse_events", "long_tiny", tmp_path, "")
+    index = builders.read_frame_index(b)
+    source = b.as_data_source("train")
+    (shard,) = b.info.splits["train"].file_instructions
+    entry = index[shard.filename.split("/")[-1]]
+    assert len(entry["num_frames"]) == len(source) == 16
+    for i in range(len(source)):
+        ex = source[i]
+        assert entry["video_id"][i] == ex["video_id"].decode()
+        assert entry["num_frames"][i] == ex["num_frames"] == len(ex["video"])
+        assert entry["label"][i] == ex["label"]
+    # Breakfast-like lengths scaled down: widely varying.
+    assert entry["num_frames"].max() > 5 * entry["num_frames"].min()
+    # A deleted index is rewritten by prepare (e.g. after `tfds build`).
+    path = tmp_path / "tfds" / "sparse_events" / "long_tiny" / "2.0.0" / builders.FRAME_INDEX
+    path.unlink()
+    builders.prepare(b)
+    assert json.loads(path.read_text())["shards"][shard.filename.split("/")[-1]]["num_frames"] == (
+        entry["num_frames"].tolist()
+    )
+
+
+def test_old_version_asks_for_a_rebuild(tmp_path):
+    # A data_dir holding only a 1.0.0 build (TFRecord + tfds.features.Video) of breakfast/s1,
+    # and no official download to rebuild from.
+    old = tmp_path / "tfds" / "breakfast" / "s1" / "1.0.0"
+    old.mkdir(parents=True)
+    (old / "dataset_info.json").write_text("{}")
+    b = builders.get_builder("breakfast", "s1", str(tmp_path / "tfds"))
+    assert builders.older_versions(b) == ["1.0.0"]
+    with pytest.raises(builders.MissingDataError) as e:
+        builders.prepare(b, str(tmp_path / "nowhere"))
+    msg = str(e.value)
+    assert "1.0.0" in msg and "Rebuild it as version 2.0.0" in msg
+    assert "python -m fva_jax.data.build --name=breakfast --config=s1" in msg
+    assert f"--data_dir={tmp_path / 'tfds'}" in msg
+    # Without an old version the plain "where is the download" message stays.
+    other = builders.get_builder("breakfast", "s2", str(tmp_path / "tfds"))
+    with pytest.raises(builders.MissingDataError) as e:
+        builders.prepare(other, str(tmp_path / "nowhere"))
+    assert "Rebuild" not in str(e.value) and "does not exist or is empty" in str(e.value)
+
+
+class _BadEvents(builders.SparseEvents):
+    """sparse_events/tiny with one broken test video (set BROKEN to the kind of damage)."""
+
+    BROKEN = "zero"
+    # TFDS looks for metadata files in the builder's package; this test module has none.
+    pkg_dir_path = epath.Path(builders.__file__).parent
+
+    def _generate_examples(self, split, n):
+        for key, ex in super()._generate_examples(split, n):
+            if key == "test/000002":
+                if self.BROKEN == "zero":
+                    ex = {**ex, "video": [], "num_frames": 0}
+                else:
+                    ex = {**ex, "num_frames": ex["num_frames"] + 1}
+            yield key, ex
+
+
+@pytest.mark.parametrize(
+    "broken, reason",
+    [("zero", "has zero frames"), ("count", r"stored num_frames is \d+ but it holds \d+ frames")],
+)
+def test_bad_video_is_named_at_build_time(tmp_path, monkeypatch, broken, reason):
+    monkeypatch.setattr(_BadEvents, "BROKEN", broken)
+    # The examples are damaged after the generator's own check (check_video, run on every
+    # example the builders yield): the pass that writes the frame index still stops.
+    b = _BadEvents(config="tiny", data_dir=str(tmp_path))
+    with pytest.raises(builders.BadVideoError, match="'test/000002' in .*" + reason):
+        builders.prepare(b)
+    assert not (tmp_path / "__bad_events" / "tiny" / "2.0.0" / builders.FRAME_INDEX).exists()
+
+
+def test_check_video():
+    builders.check_video("a.avi", 3, 3)
+    with pytest.raises(builders.BadVideoError, match="'a.avi' in x has zero frames"):
+        builders.check_video("a.avi", 0, 0, "x")
+    with pytest.raises(
+        builders.BadVideoError, match="'a.avi': stored num_frames is 4 but it holds 3"
+    ):
+        builders.check_video("a.avi", 4, 3)

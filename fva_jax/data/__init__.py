@@ -1,4 +1,5 @@
-"""Video decoding, TFDS dataset builders and the input pipeline.
+"""Video decoding, TFDS dataset builders, batch plans and the input pipeline.
 
-Kept import-free: TensorFlow is loaded only by the submodules that need it.
+Kept import-free. Nothing here imports TensorFlow to read data (pipeline.py reads ArrayRecord
+files with NumPy); building a data set through TFDS may.
 """

@@ -8,6 +8,10 @@ Build every split config you train on (e.g. breakfast s1..s4); each is a separat
 TFDS dataset variant under <data_dir>/<name>/<config>/. The trainer builds a missing
 data set itself on first use, but on a multi-host setup build once beforehand so the
 hosts do not race.
+
+Writes ArrayRecord files (builder version 2.0.0) and frame_index.json (every video's frame
+count, for the batch plans). Building may import TensorFlow (TFDS uses it to shuffle splits
+over 1 GB; install tensorflow-cpu where you build); training reads without it.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ def main(argv):
     )
     try:
         builders.prepare(b, _MANUAL_DIR.value)
-    except (builders.MissingDataError, VideoDecodeError) as e:
+    except (builders.MissingDataError, builders.BadVideoError, VideoDecodeError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     label = b.info.features["label"]

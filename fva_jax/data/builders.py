@@ -4,11 +4,22 @@ Registered names: sparse_events (procedural, no download), breakfast, hmdb51, uc
 something_something_v1, something_something_v2 (read from `manual_dir`, laid out as
 the official downloads unpack; see DATASETS.md and MANUAL_DOWNLOAD_INSTRUCTIONS).
 
-Every example holds the whole video as JPEG-encoded frames:
-  video:      tfds.features.Video (None, None, None, 3) uint8, JPEG frames
+Every example holds the whole video as JPEG-encoded frames, in ArrayRecord files that
+read without TensorFlow (`tfds.data_source`; fva_jax.data.pipeline reads the raw records):
+  video:      tfds.features.Sequence(tfds.features.Image(encoding_format="jpeg")), fed the
+              encoded JPEG bytes (tfds.features.Video cannot even be constructed without
+              TensorFlow)
   num_frames: int32, number of stored frames
   label:      ClassLabel with the official class names in the official order
   video_id:   str, the file/folder path relative to the data set root
+Beside the data, `frame_index.json` (written by `prepare`) lists every record's frame count,
+label and video_id per shard file, in record order, so that batch plans never read videos
+to learn their lengths. A video with zero frames or whose num_frames disagrees with its
+frames stops the build with `BadVideoError` naming it.
+
+Builder version 2.0.0 (this layout). A data_dir holding only a version-1.0.0 build (TFRecord,
+tfds.features.Video) must be rebuilt; `prepare` says how when it cannot rebuild by itself.
+Building may import TensorFlow (TFDS uses it for splits over 1 GB); reading never does.
 
 Storage is bounded by three builder-config fields, applied while decoding:
   resize_short (shorter side is reduced to at most this; 0 keeps the source size),
@@ -44,8 +55,16 @@ from fva_jax.data import sparse_events as se
 from fva_jax.data.build_worker import decode_item
 from fva_jax.data.video import VideoDecodeError, encode_jpegs
 
-_VERSION = tfds.core.Version("1.0.0")
-_RELEASE_NOTES = {"1.0.0": "Initial release."}
+_VERSION = tfds.core.Version("2.0.0")
+_RELEASE_NOTES = {
+    "1.0.0": "Initial release: TFRecord files, frames as tfds.features.Video (needs TensorFlow).",
+    "2.0.0": "ArrayRecord files readable without TensorFlow: frames as a Sequence of JPEG "
+    "Images fed encoded bytes; frame_index.json with every video's frame count beside the "
+    "data. Data sets built by 1.0.0 must be rebuilt.",
+}
+FILE_FORMAT = "array_record"
+FRAME_INDEX = "frame_index.json"
+_INDEX_FORMAT = "fva_jax frame index v1"
 
 
 # --------------------------------------------------------------------------- configs
@@ -85,13 +104,19 @@ class SparseEventsConfig(tfds.core.BuilderConfig):
 # --------------------------------------------------------------------------- helpers
 
 
-def _video_features(num_classes: int) -> tfds.features.FeaturesDict:
+def video_features(
+    label: tfds.features.ClassLabel, frame_shape=(None, None, 3), **extra
+) -> tfds.features.FeaturesDict:
+    """The features of every builder here (plus `extra` ones, e.g. event_start)."""
     return tfds.features.FeaturesDict(
         {
-            "video": tfds.features.Video(shape=(None, None, None, 3), encoding_format="jpeg"),
+            "video": tfds.features.Sequence(
+                tfds.features.Image(shape=frame_shape, encoding_format="jpeg")
+            ),
             "num_frames": tfds.features.Scalar(np.int32),
-            "label": tfds.features.ClassLabel(num_classes=num_classes),
+            "label": label,
             "video_id": tfds.features.Text(),
+            **extra,
         }
     )
 
@@ -100,8 +125,25 @@ class MissingDataError(FileNotFoundError):
     """The official download is not where the builder looks for it."""
 
 
+class BadVideoError(ValueError):
+    """A stored video cannot be used: no frames, or a frame count that disagrees with its
+    frames. The message names the video and the reason."""
+
+
+def check_video(video_id: str, num_frames: int, frames_stored: int, where: str = "") -> None:
+    """Raises BadVideoError unless a video has frames and num_frames counts them."""
+    at = f" in {where}" if where else ""
+    if frames_stored == 0:
+        raise BadVideoError(f"video {video_id!r}{at} has zero frames")
+    if num_frames != frames_stored:
+        raise BadVideoError(
+            f"video {video_id!r}{at}: stored num_frames is {num_frames} but it holds "
+            f"{frames_stored} frames"
+        )
+
+
 class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """Base of all builders here."""
+    """Base of all builders here: writes ArrayRecord files."""
 
     # TFDS 4.9.10's default `code_path` touches `importlib_resources`, which it only
     # installs on Python < 3.9; the class's own file is all it needs to find.
@@ -109,6 +151,10 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     @classmethod
     def code_path(cls):
         return epath.Path(inspect.getfile(cls))
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("file_format", FILE_FORMAT)
+        super().__init__(**kwargs)
 
 
 class _VideoBuilder(_Builder, skip_registration=True):
@@ -133,7 +179,7 @@ class _VideoBuilder(_Builder, skip_registration=True):
         return self.dataset_info_from_configs(
             description=self.DESCRIPTION,
             homepage=self.HOMEPAGE,
-            features=_video_features(self.NUM_CLASSES),
+            features=video_features(tfds.features.ClassLabel(num_classes=self.NUM_CLASSES)),
             supervised_keys=("video", "label"),
         )
 
@@ -206,6 +252,7 @@ class _VideoBuilder(_Builder, skip_registration=True):
                 logging.warning("%s/%s: skipping %s", self.name, split, res)
                 skipped.append(res.path)
                 continue
+            check_video(res["video_id"], res["num_frames"], len(res["video"]), self.name)
             n += 1
             yield key, res
         msg = (
@@ -250,6 +297,24 @@ class SparseEvents(_Builder):
                 event_frames=3,
             ),
         ),
+        SparseEventsConfig(
+            name="long",
+            description="Breakfast-like lengths: 128 / 32 videos of 300-9,000 frames "
+            "(lognormal, mean 2,400), 32x32, 4-frame events, 6 classes (~0.4 M frames).",
+            spec=se.LONG_SPEC,
+        ),
+        SparseEventsConfig(
+            name="long_slice",
+            description="The first 24 train / 6 test videos of `long` (the same videos), "
+            "for benchmarks.",
+            spec=dataclasses.replace(se.LONG_SPEC, num_train=24, num_test=6),
+        ),
+        SparseEventsConfig(
+            name="long_tiny",
+            description="For tests: `long` scaled down 32x in time, 16 / 8 videos of 10-280 "
+            "frames (lognormal, mean 75), 32x32, 3-frame events, 4 classes.",
+            spec=se.LONG_TINY_SPEC,
+        ),
     ]
 
     def __init__(self, *, skip_corrupt: bool = False, num_workers: int | None = None, **kwargs):
@@ -260,16 +325,10 @@ class SparseEvents(_Builder):
         spec = self.builder_config.spec
         return self.dataset_info_from_configs(
             description=__doc__,
-            features=tfds.features.FeaturesDict(
-                {
-                    "video": tfds.features.Video(
-                        shape=(None, spec.size, spec.size, 3), encoding_format="jpeg"
-                    ),
-                    "num_frames": tfds.features.Scalar(np.int32),
-                    "label": tfds.features.ClassLabel(names=se.class_names(spec.num_classes)),
-                    "video_id": tfds.features.Text(),
-                    "event_start": tfds.features.Scalar(np.int32),
-                }
+            features=video_features(
+                tfds.features.ClassLabel(names=se.class_names(spec.num_classes)),
+                frame_shape=(spec.size, spec.size, 3),
+                event_start=tfds.features.Scalar(np.int32),
             ),
             supervised_keys=("video", "label"),
         )
@@ -287,16 +346,15 @@ class SparseEvents(_Builder):
         for i in range(n):
             v = se.make_video(spec, split, i)
             vid = f"{split}/{i:06d}"
-            yield (
-                vid,
-                {
-                    "video": encode_jpegs(v["video"], q),
-                    "num_frames": v["num_frames"],
-                    "label": v["label"],
-                    "video_id": vid,
-                    "event_start": v["event_start"],
-                },
-            )
+            example = {
+                "video": encode_jpegs(v["video"], q),
+                "num_frames": v["num_frames"],
+                "label": v["label"],
+                "video_id": vid,
+                "event_start": v["event_start"],
+            }
+            check_video(vid, example["num_frames"], len(example["video"]), self.name)
+            yield vid, example
 
 
 # --------------------------------------------------------------------------- breakfast
@@ -634,9 +692,135 @@ def get_builder(
 
 
 def prepare(builder, manual_dir: str = "") -> None:
-    """Builds `builder` if its data_dir does not hold it yet (reads manual_dir)."""
-    if builder.is_prepared():
-        return
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir or None)
+    """Builds `builder` if its data_dir does not hold it yet (reads manual_dir), then writes
+    its frame index if missing.
+
+    Raises MissingDataError saying how to rebuild when the data_dir holds only an older
+    version of the data set and the official download is not there to rebuild it from.
+    """
+    if not builder.is_prepared():
+        old = older_versions(builder)
+        if old:
+            logging.warning(
+                "%s: found version(s) %s, which this fva_jax cannot read; building %s",
+                _variant_dir(builder),
+                ", ".join(old),
+                builder.version,
+            )
+        try:
+            builder.download_and_prepare(
+                download_config=tfds.download.DownloadConfig(manual_dir=manual_dir or None),
+                file_format=FILE_FORMAT,
+            )
+        except MissingDataError as e:
+            if not old:
+                raise
+            raise MissingDataError(
+                f"{_variant_dir(builder)} holds only version(s) {', '.join(old)} of "
+                f"{builder.name}/{builder.builder_config.name}, written by an older fva_jax "
+                f"in a format this version cannot read (TFRecord files with "
+                f"tfds.features.Video frames, which need TensorFlow). Rebuild it as version "
+                f"{builder.version} (the old folder can then be deleted):\n"
+                f"  python -m fva_jax.data.build --name={builder.name} "
+                f"--config={builder.builder_config.name} --data_dir={builder.data_dir_root} "
+                f"--manual_dir=<the unpacked official download>\n"
+                f"({e})"
+            ) from e
+    if not (epath.Path(builder.data_dir) / FRAME_INDEX).exists():
+        write_frame_index(builder)
+
+
+def _variant_dir(builder) -> epath.Path:
+    return epath.Path(builder.data_dir).parent
+
+
+def older_versions(builder) -> list[str]:
+    """Versions below the builder's that are built in its data_dir (e.g. ["1.0.0"])."""
+    root = _variant_dir(builder)
+    if not root.exists():
+        return []
+    found = []
+    for d in root.iterdir():
+        try:
+            version = tfds.core.Version(d.name)
+        except ValueError:
+            continue
+        if version < builder.version and (d / "dataset_info.json").exists():
+            found.append(d.name)
+    return sorted(found)
+
+
+# --------------------------------------------------------------------------- frame index
+
+
+def parse_record(raw: bytes) -> dict:
+    """One raw ArrayRecord record (a serialized tf.train.Example) -> dict(video=[JPEG bytes],
+    num_frames, label, video_id), parsed with TFDS's own protos (no TensorFlow)."""
+    from tensorflow_datasets.proto import tf_example_pb2  # pylint: disable=g-import-not-at-top
+
+    feature = tf_example_pb2.Example.FromString(raw).features.feature
+
+    def scalar(name):
+        values = feature[name].int64_list.value
+        return int(values[0]) if len(values) == 1 else -1
+
+    return dict(
+        video=feature["video"].bytes_list.value,
+        num_frames=scalar("num_frames"),
+        label=scalar("label"),
+        video_id=b"".join(feature["video_id"].bytes_list.value).decode("utf-8", "replace"),
     )
+
+
+def _shards(builder) -> list[epath.Path]:
+    files = []
+    for split_info in builder.info.splits.values():
+        files += [epath.Path(f.filename) for f in split_info.file_instructions]
+    return files
+
+
+def write_frame_index(builder) -> epath.Path:
+    """Reads every record once (no JPEG decoding) and writes `frame_index.json` beside the
+    data: {"shards": {file name: {"num_frames": [...], "label": [...], "video_id": [...]}}}
+    in record order. Raises BadVideoError naming a video without frames or whose num_frames
+    disagrees with its frames."""
+    from array_record.python import array_record_data_source  # pylint: disable=g-import-not-at-top
+
+    shards = {}
+    for path in _shards(builder):
+        entry = {"num_frames": [], "label": [], "video_id": []}
+        with array_record_data_source.ArrayRecordDataSource([os.fspath(path)]) as source:
+            for i in range(len(source)):
+                ex = parse_record(source[i])
+                check_video(ex["video_id"], ex["num_frames"], len(ex["video"]), path.name)
+                entry["num_frames"].append(ex["num_frames"])
+                entry["label"].append(ex["label"])
+                entry["video_id"].append(ex["video_id"])
+        shards[path.name] = entry
+    out = epath.Path(builder.data_dir) / FRAME_INDEX
+    tmp = out.with_name(f"{FRAME_INDEX}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"format": _INDEX_FORMAT, "shards": shards}))
+    tmp.replace(out)  # atomic: hosts that build at the same time never see half a file
+    return out
+
+
+def read_frame_index(builder) -> dict[str, dict[str, np.ndarray]]:
+    """{shard file name: {"num_frames", "label" (int64 arrays), "video_id" (list)}} from
+    `frame_index.json` (written by `prepare`)."""
+    path = epath.Path(builder.data_dir) / FRAME_INDEX
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} is missing; fva_jax.data.builders.prepare(builder) writes it "
+            "(the input pipeline calls it)"
+        )
+    data = json.loads(path.read_text())
+    if data.get("format") != _INDEX_FORMAT:
+        raise ValueError(f"{path}: not a {_INDEX_FORMAT!r} file; delete it to have it rewritten")
+    return {
+        name: {
+            "num_frames": np.asarray(e["num_frames"], np.int64),
+            "label": np.asarray(e["label"], np.int64),
+            "video_id": list(e["video_id"]),
+        }
+        for name, e in data["shards"].items()
+    }

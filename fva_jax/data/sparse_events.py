@@ -1,7 +1,8 @@
 """Procedural "sparse events" videos: the class is visible in only a few frames.
 
 Each video shows a greyscale texture drifting at a constant random velocity (plus a
-little per-frame noise), of random length in [min_frames, max_frames]. For
+little per-frame noise), of random length in [min_frames, max_frames] (uniform, or
+lognormal with a given mean for Breakfast-like length distributions). For
 `event_frames` consecutive frames at a random time a large, saturated coloured shape
 appears at a random place; its colour and shape decide the class. Everything else is
 class-independent, so a model that looks at 8 uniformly sampled frames is at chance
@@ -42,7 +43,11 @@ class SparseEventsSpec:
     Attributes:
       num_classes: number of event classes (<= MAX_CLASSES), the first of EVENTS.
       num_train, num_test: videos per split.
-      min_frames, max_frames: video length range (inclusive), uniform.
+      min_frames, max_frames: video length range (inclusive).
+      length_distribution: "uniform" over [min_frames, max_frames], or "lognormal" with
+        mean `mean_frames` and log-standard-deviation `length_sigma`, clipped to the range
+        (Breakfast's lengths are roughly lognormal).
+      mean_frames, length_sigma: parameters of the lognormal (ignored when uniform).
       size: frame height = width in pixels (even).
       event_frames: number of consecutive frames showing the event.
       seed: base seed; each video has its own stream derived from (seed, split, index).
@@ -56,6 +61,9 @@ class SparseEventsSpec:
     size: int = 64
     event_frames: int = 4
     seed: int = 0
+    length_distribution: str = "uniform"
+    mean_frames: float = 0.0
+    length_sigma: float = 0.65
 
     def __post_init__(self):
         if not 2 <= self.num_classes <= MAX_CLASSES:
@@ -67,6 +75,36 @@ class SparseEventsSpec:
             )
         if self.size < 16 or self.size % 2:
             raise ValueError(f"size must be even and >= 16, got {self.size}")
+        if self.length_distribution not in ("uniform", "lognormal"):
+            raise ValueError(
+                f"length_distribution must be 'uniform' or 'lognormal', "
+                f"got {self.length_distribution!r}"
+            )
+        if self.length_distribution == "lognormal" and not (
+            self.min_frames <= self.mean_frames <= self.max_frames and self.length_sigma > 0
+        ):
+            raise ValueError(
+                "a lognormal length needs min_frames <= mean_frames <= max_frames and "
+                f"length_sigma > 0, got mean_frames {self.mean_frames}, sigma {self.length_sigma}"
+            )
+
+
+def _long_spec(**kw) -> "SparseEventsSpec":
+    return SparseEventsSpec(length_distribution="lognormal", size=32, **kw)
+
+
+def lognormal_lengths(rng, n: int, *, mean: float, sigma: float, low: int, high: int):
+    """n lognormal lengths (int64) with mean `mean` before clipping and log-sd `sigma`,
+    clipped to [low, high]."""
+    mu = np.log(mean) - sigma**2 / 2
+    return np.clip(np.round(rng.lognormal(mu, sigma, n)), low, high).astype(np.int64)
+
+
+def breakfast_like_lengths(num_videos: int = 1712, seed: int = 0) -> np.ndarray:
+    """Synthetic video lengths shaped like Breakfast's at 15 fps (1,712 videos, ~4.1 M
+    frames, a mean near 2,400): lognormal, mean 2,400, log-sd 0.65, clipped to [300, 9000]."""
+    rng = np.random.default_rng([seed, 1712])
+    return lognormal_lengths(rng, num_videos, mean=2400.0, sigma=0.65, low=300, high=9000)
 
 
 def class_names(num_classes: int) -> list[str]:
@@ -136,6 +174,27 @@ def _shape_mask(kind: str, n: int) -> np.ndarray:
     raise ValueError(kind)
 
 
+def _draw_length(spec: SparseEventsSpec, rng) -> int:
+    """The first draw of a video's stream: its length."""
+    if spec.length_distribution == "lognormal":
+        return int(
+            lognormal_lengths(
+                rng,
+                1,
+                mean=spec.mean_frames,
+                sigma=spec.length_sigma,
+                low=spec.min_frames,
+                high=spec.max_frames,
+            )[0]
+        )
+    return int(rng.integers(spec.min_frames, spec.max_frames + 1))
+
+
+def video_length(spec: SparseEventsSpec, split: str, index: int) -> int:
+    """make_video(spec, split, index)["num_frames"] without generating the video."""
+    return _draw_length(spec, _rng(spec, split, index))
+
+
 def make_video(spec: SparseEventsSpec, split: str, index: int) -> dict:
     """One video of the set.
 
@@ -144,7 +203,7 @@ def make_video(spec: SparseEventsSpec, split: str, index: int) -> dict:
       frame), num_frames int.
     """
     rng = _rng(spec, split, index)
-    t = int(rng.integers(spec.min_frames, spec.max_frames + 1))
+    t = _draw_length(spec, rng)
     label = int(rng.integers(spec.num_classes))
     start = int(rng.integers(0, t - spec.event_frames + 1))
     s = spec.size
@@ -171,3 +230,19 @@ def make_video(spec: SparseEventsSpec, split: str, index: int) -> dict:
     region[:, mask] = np.asarray(colour, np.float32)
     video = np.clip(np.round(video), 0, 255).astype(np.uint8)
     return dict(video=video, label=label, event_start=start, num_frames=t)
+
+
+# Breakfast-like lengths (see breakfast_like_lengths) at 32 px: the builder config "long".
+LONG_SPEC = _long_spec(
+    num_train=128, num_test=32, min_frames=300, max_frames=9000, mean_frames=2400.0
+)
+# "long" scaled down 32x in time (same shape of length distribution), for tests.
+LONG_TINY_SPEC = _long_spec(
+    num_classes=4,
+    num_train=16,
+    num_test=8,
+    min_frames=10,
+    max_frames=280,
+    mean_frames=75.0,
+    event_frames=3,
+)

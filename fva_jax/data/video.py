@@ -311,14 +311,19 @@ def find_sample_video() -> pathlib.Path | None:
 
 
 def encode_jpegs(frames: np.ndarray, quality: int = 90) -> list[bytes]:
-    """JPEG-encodes each frame of uint8 (T, H, W, 3) with PIL (the builders' storage format)."""
-    import io  # pylint: disable=g-import-not-at-top
+    """JPEG-encodes each frame of uint8 (T, H, W, 3) RGB (the builders' storage format).
 
-    from PIL import Image  # pylint: disable=g-import-not-at-top
+    simplejpeg (libjpeg-turbo), with 4:2:0 chroma subsampling as PIL's default at this
+    quality; about 5x faster than PIL on small frames.
+    """
+    import simplejpeg  # pylint: disable=g-import-not-at-top
 
-    out = []
-    for f in frames:
-        buf = io.BytesIO()
-        Image.fromarray(f).save(buf, format="JPEG", quality=quality)
-        out.append(buf.getvalue())
-    return out
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"frames must be uint8 (T, H, W, 3), got {frames.dtype} {frames.shape}")
+    return [
+        simplejpeg.encode_jpeg(
+            np.ascontiguousarray(f), quality=quality, colorspace="RGB", colorsubsampling="420"
+        )
+        for f in frames
+    ]
