@@ -13,8 +13,7 @@ def get_config():
     config.data.builder_config = "split1"
     config.data.train_split = "train"
     config.data.eval_split = "test"
-    # Clips average ~7 s; 300 frames (12 s at 25 fps) covers nearly all of them whole.
-    config.data.max_frames = 300
+    # Every frame of every clip (no stride, no cap: the defaults).
     config.model.backbone = "resnet50"
     config.model.num_clusters = 8
     config.train.uniform_warmup_epochs = 5.0

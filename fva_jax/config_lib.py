@@ -7,7 +7,7 @@ message that names the offending field, e.g.
 ``config.model.num_clusters must be >= 1, got 0``.
 
 Layout (all fields, see `default_config` for meanings):
-  config.seed, config.fast_compile
+  config.seed, config.fast_compile, config.compilation_cache_dir
   config.data.*          the data pipeline's fields (fva_jax/data/pipeline.py)
   config.model.*         exactly the fields of FullVideoModel except num_classes
   config.train.*         batch size, length, uniform-sampling warm-up, logging cadence
@@ -65,6 +65,10 @@ def default_config() -> ml_collections.ConfigDict:
     # Compile with XLA's backend optimisation level 0: about 3x faster compilation on CPU but
     # slower steps. For tests and debugging only.
     c.fast_compile = False
+    # JAX's persistent compilation cache: every step shape (one per length bucket) compiles
+    # once and a restarted run reuses the compiled programs. "" = WORKDIR/compilation_cache,
+    # "off" = no cache; an explicit JAX_COMPILATION_CACHE_DIR (environment) wins over both.
+    c.compilation_cache_dir = ""
 
     c.data = ml_collections.ConfigDict()
     c.data.name = "sparse_events"
@@ -73,14 +77,24 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.manual_dir = ""  # where the official download was unpacked; "" = TFDS default
     c.data.train_split = "train"
     c.data.eval_split = "test"
-    c.data.max_frames = 256  # every video is padded/capped to this many frames
+    # Frames after the stride kept per video: 0 = no cap (every frame; the default). A cap > 0
+    # drops the end of longer videos: only by explicit choice.
+    c.data.max_frames = 0
     c.data.frame_stride = 1
     c.data.resize_short = 256  # shorter side after decoding, before cropping
     c.data.crop_size = 224
     c.data.crop_scales = (1.0, 0.875, 0.75, 0.66)  # TSM multi-scale crop
     c.data.hflip = True
-    c.data.shuffle_buffer = 256
     c.data.skip_corrupt = True
+    # Full-video steps are planned from the videos' lengths (fva_jax/data/batch_plan.py):
+    # videos grouped into length buckets (padded lengths, multiples of model.chunk_size), a
+    # step holding max(1, frames_per_device // bucket) videos per device (a video longer than
+    # the budget gets one video per device).
+    c.data.frames_per_device = 4096  # frame budget of one full-video step on one device
+    c.data.max_buckets = 16  # buckets chosen from the split's lengths (<= this many shapes)
+    c.data.bucket_lengths = ()  # explicit bucket lengths instead ((): choose them)
+    c.data.num_workers = 2  # Grain worker processes decoding steps (0 = in this process)
+    c.data.prefetch = 2  # steps buffered ahead
 
     c.model = ml_collections.ConfigDict()
     c.model.backbone = "resnet50"
@@ -97,11 +111,17 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # compute dtype ("float32" | "bfloat16"); params stay float32
 
     c.train = ml_collections.ConfigDict()
-    c.train.batch_size = 16  # global batch over all devices of all hosts
+    # Global number of videos per sampled-frame step (the uniform warm-up, and every step of
+    # sampling "uniform"/"dense"): K frames per video chosen on the host. Full-video steps are
+    # sized by config.data.frames_per_device instead.
+    c.train.batch_size = 16
+    # Epochs: one pass over the training videos, in the mode of that epoch (sampled frames or
+    # full videos), whose step counts differ. A fraction trains the first part of the last one.
     c.train.num_epochs = 40.0
-    c.train.num_train_steps = -1  # > 0 overrides num_epochs
+    c.train.num_train_steps = -1  # > 0: train exactly this many steps (epochs cut or added)
     # The paper trains its first epochs with uniform sampling, then on full videos; DESIGN.md
     # does not state how many, 0 disables. Needs model.sampling == "cluster".
+    # A whole number of epochs (the mode changes at an epoch boundary).
     c.train.uniform_warmup_epochs = 0.0
     c.train.log_every_steps = 50
     # Backbone weights to start from (ImageNet): a torchvision state dict (.pth/.safetensors) or
@@ -136,9 +156,13 @@ def default_config() -> ml_collections.ConfigDict:
     c.checkpoint.keep = 3  # keep the last few checkpoints
 
     c.eval = ml_collections.ConfigDict()
-    c.eval.batch_size = 16  # global eval batch
+    # Videos per step of the uniform (sampled K frames) evaluation; the full-video evaluation
+    # is planned by config.data.frames_per_device like training.
+    c.eval.batch_size = 16
     c.eval.every_steps = 0  # 0 = evaluate only at the end
-    c.eval.also_uniform = True  # also evaluate with uniform sampling (K frames) to compare
+    # With model.sampling "cluster": also evaluate the same network on K uniformly sampled
+    # frames ("eval_uniform") to compare.
+    c.eval.also_uniform = True
     # TensorBoard pictures of the clusters (fva_jax.visualize.render_timeline) of the first
     # eval videos, at every evaluation; 0 disables.
     c.eval.num_timeline_videos = 2
@@ -250,6 +274,12 @@ def validate_config(
         _fail("seed", f"must be an integer, got {config.seed!r}")
     if not isinstance(config.fast_compile, bool):
         _fail("fast_compile", f"must be True or False, got {config.fast_compile!r}")
+    if not isinstance(config.compilation_cache_dir, str):
+        _fail(
+            "compilation_cache_dir",
+            "must be a directory, '' (WORKDIR/compilation_cache) or 'off', "
+            f"got {config.compilation_cache_dir!r}",
+        )
 
     # Data.
     _one_of(config, "data.name", DATASETS)
@@ -260,7 +290,7 @@ def validate_config(
         value = _get(config, field)
         if not isinstance(value, str) or not value:
             _fail(field, f"must be a non-empty split name, got {value!r}")
-    _int_at_least(config, "data.max_frames", 1)
+    _int_at_least(config, "data.max_frames", 0)
     _int_at_least(config, "data.frame_stride", 1)
     _int_at_least(config, "data.crop_size", 1)
     _int_at_least(config, "data.resize_short", 1)
@@ -280,13 +310,16 @@ def validate_config(
     for field in ("data.hflip", "data.skip_corrupt"):
         if not isinstance(_get(config, field), bool):
             _fail(field, f"must be True or False, got {_get(config, field)!r}")
-    _int_at_least(config, "data.shuffle_buffer", 1)
+    _int_at_least(config, "data.frames_per_device", 1)
+    _int_at_least(config, "data.max_buckets", 1)
+    _int_at_least(config, "data.num_workers", 0)
+    _int_at_least(config, "data.prefetch", 0)
 
     # Model.
     _one_of(config, "model.backbone", BACKBONES)
     _int_at_least(config, "model.width", 1)
     _int_at_least(config, "model.num_clusters", 1)
-    if config.model.num_clusters > config.data.max_frames:
+    if 0 < config.data.max_frames < config.model.num_clusters:
         _fail(
             "model.num_clusters",
             f"must be <= config.data.max_frames "
@@ -302,6 +335,25 @@ def validate_config(
     _int_at_least(config, "model.dense_stride", 1)
     _num_in(config, "model.dropout_rate", 0.0, 1.0, high_open=True)
     _one_of(config, "model.dtype", DTYPES)
+    # Data fields that depend on the model's chunk size.
+    chunk = config.model.chunk_size
+    if config.data.frames_per_device < chunk:
+        _fail(
+            "data.frames_per_device",
+            f"must hold at least one chunk (config.model.chunk_size = {chunk}), "
+            f"got {config.data.frames_per_device}",
+        )
+    buckets = config.data.bucket_lengths
+    if not isinstance(buckets, (tuple, list)) or not all(
+        _is_int(b) and b > 0 and b % chunk == 0 for b in buckets
+    ):
+        _fail(
+            "data.bucket_lengths",
+            f"must be a tuple of positive multiples of config.model.chunk_size ({chunk}), "
+            f"or () to choose buckets from the lengths, got {buckets!r}",
+        )
+    if list(buckets) != sorted(set(buckets)):
+        _fail("data.bucket_lengths", f"must be strictly increasing, got {tuple(buckets)}")
 
     # Training length and batch.
     _int_at_least(config, "train.batch_size", 1)
@@ -311,6 +363,12 @@ def validate_config(
     if config.train.num_train_steps < 0:
         _num_in(config, "train.num_epochs", 0.0, low_open=True)
     _num_in(config, "train.uniform_warmup_epochs", 0.0)
+    if not float(config.train.uniform_warmup_epochs).is_integer():
+        _fail(
+            "train.uniform_warmup_epochs",
+            "must be a whole number of epochs (training switches from sampled frames to full "
+            f"videos at an epoch boundary), got {config.train.uniform_warmup_epochs}",
+        )
     if config.train.uniform_warmup_epochs > 0 and config.model.sampling != "cluster":
         _fail(
             "train.uniform_warmup_epochs",

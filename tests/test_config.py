@@ -57,6 +57,8 @@ def test_dataset_configs_hold_the_paper_recipe(name):
     assert (c.model.dropout_rate, c.optim.grad_clip_norm) == (0.8, 20)
     assert (c.optim.classifier_lr_mult, c.optim.classifier_bias_lr_mult) == (5, 10)
     assert c.train.uniform_warmup_epochs > 0
+    # "No frame left behind": every frame of every video, no stride, no cap.
+    assert (c.data.frame_stride, c.data.max_frames) == (1, 0)
 
 
 def _with(field: str, value):
@@ -74,10 +76,21 @@ def _with(field: str, value):
     [
         ("model.num_clusters", 0, "config.model.num_clusters must be >= 1, got 0"),
         (
-            "model.num_clusters",
-            300,
-            "config.model.num_clusters must be <= config.data.max_frames (256), got 300",
+            "data.frames_per_device",
+            16,
+            "config.data.frames_per_device must hold at least one chunk "
+            "(config.model.chunk_size = 32), got 16",
         ),
+        (
+            "data.bucket_lengths",
+            (64, 100),
+            "config.data.bucket_lengths must be a tuple of positive multiples of "
+            "config.model.chunk_size (32)",
+        ),
+        ("data.bucket_lengths", (96, 64), "config.data.bucket_lengths must be strictly increasing"),
+        ("data.max_buckets", 0, "config.data.max_buckets must be >= 1, got 0"),
+        ("data.num_workers", -1, "config.data.num_workers must be >= 0, got -1"),
+        ("data.prefetch", -1, "config.data.prefetch must be >= 0, got -1"),
         (
             "data.name",
             "kinetics",
@@ -118,7 +131,7 @@ def _with(field: str, value):
             "config.data.crop_scales must be a non-empty tuple of "
             "numbers in (0, 1], got (1.0, 1.5)",
         ),
-        ("data.max_frames", 0, "config.data.max_frames must be >= 1, got 0"),
+        ("data.max_frames", -1, "config.data.max_frames must be >= 0, got -1"),
         ("train.batch_size", 0, "config.train.batch_size must be >= 1, got 0"),
         ("train.num_train_steps", 0, "config.train.num_train_steps must be > 0, or -1"),
         ("train.num_epochs", -1.0, "config.train.num_epochs must be in (0.0, inf], got -1.0"),
