@@ -5,8 +5,8 @@ Layout of a workdir written by fva_jax.train:
   config.json, dataset_info.json   the run's config and {num_classes, class_names,
                                     num_examples} (CONFIG_FILE, DATASET_INFO_FILE)
   checkpoints/<step>/state          the TrainState (orbax StandardSave)
-  checkpoints/<step>/data           JSON: every process's data state and the last step's
-                                    training metrics
+  checkpoints/<step>/data           JSON: the data state {"epoch", "step"}, the host layout
+                                    and the last step's training metrics
 
 The trainer uses `checkpoint_manager`, `save`, `restore`; tools (predict, visualize) use
 `load_run_config` and `restore_variables`, which need no config and no trainer.
@@ -21,7 +21,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
-from fva_jax import config_lib, distributed
+from fva_jax import config_lib
 
 CONFIG_FILE = "config.json"
 DATASET_INFO_FILE = "dataset_info.json"
@@ -39,19 +39,30 @@ def save(
     mngr: ocp.CheckpointManager,
     step: int,
     state,
-    data_state,
+    data_state: dict[str, int],
     last_train: dict[str, float],
+    epoch: dict[str, Any] | None = None,
 ) -> None:
-    """Saves the train state and, as JSON, every process's data state and the last step's
-    training metrics (so final_metrics.json is complete even if a restart only evaluates).
-    A collective: every process calls it."""
-    states = distributed.gather_json_from_processes(data_state)
+    """Saves the train state and, as JSON, the data state {"epoch", "step"} (the position of
+    the next batch, the same on every host), the host layout it was planned for, the last
+    step's training metrics (so final_metrics.json is complete even if a restart only
+    evaluates) and `epoch` (the trainer's description of the data state's epoch, e.g. its
+    mode and length, to check a resume against). A collective: every process calls it."""
     mngr.save(
         step,
         args=ocp.args.Composite(
             state=ocp.args.StandardSave(flax.serialization.to_state_dict(state)),
             data=ocp.args.JsonSave(
-                {"process_count": len(states), "states": states, "last_train": last_train}
+                {
+                    "data_state": {
+                        "epoch": int(data_state["epoch"]),
+                        "step": int(data_state["step"]),
+                    },
+                    "process_count": jax.process_count(),
+                    "device_count": jax.device_count(),
+                    "last_train": last_train,
+                    "epoch": epoch or {},
+                }
             ),
         ),
         force=True,
@@ -60,8 +71,8 @@ def save(
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, state):
-    """(state, this process's data state, last_train) of checkpoint `step`; `state` gives the
-    structure, shapes and shardings to restore into."""
+    """(state, data state {"epoch", "step"}, last_train, epoch) of checkpoint `step`, as saved
+    by `save`; `state` gives the structure, shapes and shardings to restore into."""
     abstract = jax.tree.map(
         ocp.utils.to_shape_dtype_struct, flax.serialization.to_state_dict(state)
     )
@@ -72,16 +83,19 @@ def restore(mngr: ocp.CheckpointManager, step: int, state):
         ),
     )
     data = restored["data"]
-    if data["process_count"] != jax.process_count():
+    layout = (data["process_count"], data["device_count"])
+    if layout != (jax.process_count(), jax.device_count()):
         raise ValueError(
-            f"checkpoint step {step} in {mngr.directory} was written by "
-            f"{data['process_count']} processes; this run has {jax.process_count()}. The data "
-            "iterator state is per process: resume with the same number of hosts"
+            f"checkpoint step {step} in {mngr.directory} was written by {layout[0]} processes "
+            f"with {layout[1]} devices; this run has {jax.process_count()} with "
+            f"{jax.device_count()}. The batch plan (and so the data position) depends on them: "
+            "resume with the same hosts and devices"
         )
     return (
         flax.serialization.from_state_dict(state, restored["state"]),
-        data["states"][jax.process_index()],
+        data["data_state"],
         data["last_train"],
+        data.get("epoch", {}),
     )
 
 

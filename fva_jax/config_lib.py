@@ -7,7 +7,7 @@ message that names the offending field, e.g.
 ``config.model.num_clusters must be >= 1, got 0``.
 
 Layout (all fields, see `default_config` for meanings):
-  config.seed, config.fast_compile
+  config.seed, config.fast_compile, config.compilation_cache_dir
   config.data.*          the data pipeline's fields (fva_jax/data/pipeline.py)
   config.model.*         exactly the fields of FullVideoModel except num_classes
   config.train.*         batch size, length, uniform-sampling warm-up, logging cadence
@@ -87,6 +87,10 @@ def default_config() -> ml_collections.ConfigDict:
     # Compile with XLA's backend optimisation level 0: about 3x faster compilation on CPU but
     # slower steps. For tests and debugging only.
     c.fast_compile = False
+    # JAX's persistent compilation cache: every step shape (one per length bucket) compiles
+    # once and a restarted run reuses the compiled programs. "" = WORKDIR/compilation_cache,
+    # "off" = no cache; an explicit JAX_COMPILATION_CACHE_DIR (environment) wins over both.
+    c.compilation_cache_dir = ""
 
     c.data = ml_collections.ConfigDict()
     c.data.name = "sparse_events"
@@ -137,11 +141,17 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.activation_budget_mb = -1.0
 
     c.train = ml_collections.ConfigDict()
-    c.train.batch_size = 16  # global batch over all devices of all hosts
+    # Global number of videos per sampled-frame step (the uniform warm-up, and every step of
+    # sampling "uniform"/"dense"): K frames per video chosen on the host. Full-video steps are
+    # sized by config.data.frames_per_device instead.
+    c.train.batch_size = 16
+    # Epochs: one pass over the training videos, in the mode of that epoch (sampled frames or
+    # full videos), whose step counts differ. A fraction trains the first part of the last one.
     c.train.num_epochs = 40.0
-    c.train.num_train_steps = -1  # > 0 overrides num_epochs
+    c.train.num_train_steps = -1  # > 0: train exactly this many steps (epochs cut or added)
     # The paper trains its first epochs with uniform sampling, then on full videos; DESIGN.md
     # does not state how many, 0 disables. Needs model.sampling == "cluster".
+    # A whole number of epochs (the mode changes at an epoch boundary).
     c.train.uniform_warmup_epochs = 0.0
     c.train.log_every_steps = 50
     # Backbone weights to start from (ImageNet): a torchvision state dict (.pth/.safetensors) or
@@ -176,9 +186,13 @@ def default_config() -> ml_collections.ConfigDict:
     c.checkpoint.keep = 3  # keep the last few checkpoints
 
     c.eval = ml_collections.ConfigDict()
-    c.eval.batch_size = 16  # global eval batch
+    # Videos per step of the uniform (sampled K frames) evaluation; the full-video evaluation
+    # is planned by config.data.frames_per_device like training.
+    c.eval.batch_size = 16
     c.eval.every_steps = 0  # 0 = evaluate only at the end
-    c.eval.also_uniform = True  # also evaluate with uniform sampling (K frames) to compare
+    # With model.sampling "cluster": also evaluate the same network on K uniformly sampled
+    # frames ("eval_uniform") to compare.
+    c.eval.also_uniform = True
     # TensorBoard pictures of the clusters (fva_jax.visualize.render_timeline) of the first
     # eval videos, at every evaluation; 0 disables.
     c.eval.num_timeline_videos = 2
@@ -291,6 +305,12 @@ def validate_config(
         _fail("seed", f"must be an integer, got {config.seed!r}")
     if not isinstance(config.fast_compile, bool):
         _fail("fast_compile", f"must be True or False, got {config.fast_compile!r}")
+    if not isinstance(config.compilation_cache_dir, str):
+        _fail(
+            "compilation_cache_dir",
+            "must be a directory, '' (WORKDIR/compilation_cache) or 'off', "
+            f"got {config.compilation_cache_dir!r}",
+        )
 
     # Data.
     _one_of(config, "data.name", names["data.name"])
@@ -381,6 +401,12 @@ def validate_config(
     if config.train.num_train_steps < 0:
         _num_in(config, "train.num_epochs", 0.0, low_open=True)
     _num_in(config, "train.uniform_warmup_epochs", 0.0)
+    if not float(config.train.uniform_warmup_epochs).is_integer():
+        _fail(
+            "train.uniform_warmup_epochs",
+            "must be a whole number of epochs (training switches from sampled frames to full "
+            f"videos at an epoch boundary), got {config.train.uniform_warmup_epochs}",
+        )
     if config.train.uniform_warmup_epochs > 0 and config.model.sampling != "cluster":
         _fail(
             "train.uniform_warmup_epochs",

@@ -3,18 +3,15 @@
 * `initialize_distributed(config.distributed)`: jax.distributed.initialize() on TPU pods,
   SLURM / Open MPI jobs or with an explicit coordinator (also CPU processes on one machine,
   with gloo collectives, for tests);
-* `gather_json_from_processes`: every process's small JSON object, in process order;
 * `to_host`: NumPy copy of a replicated (possibly multi-host) tree of arrays;
 * `local_rows`: this host's rows of a batch-sharded array.
 """
 
-import json
 import os
 
 import jax
 import ml_collections
 import numpy as np
-from jax.experimental import multihost_utils
 
 
 def multi_host_environment() -> bool:
@@ -58,19 +55,6 @@ def initialize_distributed(dist_config: ml_collections.ConfigDict) -> bool:
         kwargs["process_id"] = dist_config.process_id
     jax.distributed.initialize(**kwargs)
     return True
-
-
-def gather_json_from_processes(obj) -> list:
-    """Every process's JSON-serialisable `obj`, in process order (a collective)."""
-    if jax.process_count() == 1:
-        return [obj]
-    data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
-    lengths = np.asarray(multihost_utils.process_allgather(np.array([data.size], np.int32)))
-    lengths = lengths.reshape(-1)
-    padded = np.zeros(int(lengths.max()), np.uint8)
-    padded[: data.size] = data
-    everything = np.asarray(multihost_utils.process_allgather(padded))
-    return [json.loads(bytes(everything[i, : lengths[i]]).decode()) for i in range(len(lengths))]
 
 
 def to_host(tree):

@@ -42,16 +42,6 @@ _MODE = flags.DEFINE_enum(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _hide_accelerators_from_tensorflow() -> None:
-    """tf.data runs on the host; keep TensorFlow off GPUs/TPUs so JAX gets all their memory."""
-    try:
-        import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    except ImportError:
-        return
-    tf.config.set_visible_devices([], "GPU")
-    tf.config.set_visible_devices([], "TPU")
-
-
 def _exit_on_config_error(error: config_lib.ConfigError, argv) -> None:
     """One line on stderr (no traceback) and exit status 2: a user error, not a crash."""
     where = ""
@@ -84,12 +74,11 @@ def main(argv):
 
 
 def _main(config):
-    # Names and values are checked before anything starts (and before the trainer and
-    # TensorFlow are imported); device counts once JAX is up.
+    # Names and values are checked before anything starts (and before the trainer is
+    # imported); device counts once JAX is up. Training imports no TensorFlow.
     config_lib.validate_config(config)
     from fva_jax import train  # pylint: disable=g-import-not-at-top
 
-    _hide_accelerators_from_tensorflow()
     distributed.initialize_distributed(config.distributed)
 
     logging.info(

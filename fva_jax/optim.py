@@ -3,11 +3,12 @@
 `make_optimizer(config, params, schedule)`: clip by global norm -> SGD with coupled weight
 decay and momentum (PyTorch's torch.optim.SGD, as the paper) or AdamW -> learning rate ->
 per-parameter multipliers (classifier kernel x5, bias x10). `make_schedule`: linear warm-up,
-then cosine / step / constant. Only the parameters' tree structure and shapes are read, so
-abstract params (jax.eval_shape) do as well as real ones.
+then cosine / step / constant, with epochs converted to steps by the caller's rule. The
+optimizer reads only the parameters' tree structure and shapes, so abstract params
+(jax.eval_shape) do as well as real ones.
 """
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -64,18 +65,26 @@ def _scale_by_tree(multipliers) -> optax.GradientTransformation:
 
 
 def make_schedule(
-    config: ml_collections.ConfigDict, total_steps: int, steps_per_epoch: int
+    config: ml_collections.ConfigDict,
+    total_steps: int,
+    epoch_to_step: Callable[[float], int],
 ) -> optax.Schedule:
-    """Linear warm-up from 0 over schedule.warmup_epochs, then cosine/step/constant."""
+    """Linear warm-up from 0 over schedule.warmup_epochs, then cosine/step/constant.
+
+    epoch_to_step: the step at which a (fractional) number of epochs is reached
+    (fva_jax.epochs.EpochPlan.epoch_to_step): epochs of the uniform warm-up and of full
+    videos have different numbers of steps, so epochs are converted with the real step at
+    which each starts. The cosine decays from the end of the warm-up to total_steps.
+    """
     s = config.schedule
-    warmup = min(int(round(s.warmup_epochs * steps_per_epoch)), total_steps)
+    warmup = min(epoch_to_step(s.warmup_epochs), total_steps)
     rest = max(total_steps - warmup, 1)
     if s.name == "cosine":
         main = optax.cosine_decay_schedule(s.base_lr, decay_steps=rest, alpha=s.end_lr_factor)
     elif s.name == "step":
         boundaries = {}
         for epoch in s.step_epochs:
-            b = int(round(epoch * steps_per_epoch)) - warmup
+            b = epoch_to_step(epoch) - warmup
             if 0 < b < rest:
                 boundaries[b] = boundaries.get(b, 1.0) * s.step_factor
         main = optax.piecewise_constant_schedule(s.base_lr, boundaries)

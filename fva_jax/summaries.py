@@ -1,16 +1,153 @@
-"""What the trainer writes to TensorBoard besides training scalars: evaluation scalars, the
-config as hparams, and pictures of the clusters of a few evaluation videos.
+"""What the trainer reports: TensorBoard event files and log lines, without TensorFlow.
 
-The pictures are drawn by fva_jax.visualize (matplotlib), imported only when one is drawn;
-visualize does not import this module or the trainer.
+* `SummaryWriter`: scalars, images, texts and hparams as TensorBoard event files, written
+  with tensorboard's protos and record framing but without TensorFlow (clu.metric_writers
+  imports it, and so does tensorboard's own writer when it is installed), each scalar line
+  also logged; only process 0 writes files;
+* evaluation scalars, the config as hparams, and pictures of the clusters of a few
+  evaluation videos (drawn by fva_jax.visualize with matplotlib, imported only when one is
+  drawn; visualize does not import this module or the trainer).
 """
 
+import io
+import os
+import socket
+import time
 from typing import Any, Mapping
 
 import jax
 import numpy as np
+from absl import logging
+from etils import epath
+from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.plugins.hparams import summary_v2 as hparams_summary
+from tensorboard.plugins.image import metadata as image_metadata
+from tensorboard.plugins.scalar import metadata as scalar_metadata
+from tensorboard.plugins.text import metadata as text_metadata
+from tensorboard.summary.writer.record_writer import RecordWriter
+from tensorboard.util import tensor_util
 
 from fva_jax import distributed
+
+
+class _EventFile:
+    """One TensorBoard event file (TFRecord of Event protos), written synchronously.
+
+    tensorboard's EventFileWriter opens files through tf.io.gfile whenever TensorFlow is
+    installed (tensorboard.compat), which would import TensorFlow into the training process;
+    this opens the file with etils.epath and only borrows tensorboard's record framing."""
+
+    def __init__(self, logdir):
+        logdir = epath.Path(logdir)
+        logdir.mkdir(parents=True, exist_ok=True)
+        name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}"
+        self._file = (logdir / name).open("wb")
+        self._records = RecordWriter(self._file)
+        self.add(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+
+    def add(self, event: event_pb2.Event) -> None:
+        self._records.write(event.SerializeToString())
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class SummaryWriter:
+    """TensorBoard events in `logdir` (None: log lines only, e.g. on processes > 0).
+
+    The same calls as clu's MetricWriter where the trainer used them: write_scalars(step,
+    {tag: number}), write_images(step, {tag: uint8 (N, H, W, 3)}), write_texts(step,
+    {tag: str}), write_hparams({name: bool/int/float/str}), flush(), close(). Scalars are
+    written as TensorBoard 2 tensor summaries (plugin "scalars"), images as PNGs (plugin
+    "images": width, height, PNG bytes per image), as tf.summary would.
+    """
+
+    def __init__(self, logdir=None):
+        self._events = _EventFile(logdir) if logdir is not None else None
+
+    def _write(self, step: int, values: list[summary_pb2.Summary.Value]) -> None:
+        if self._events is not None and values:
+            self._events.add(
+                event_pb2.Event(
+                    wall_time=time.time(), step=int(step), summary=summary_pb2.Summary(value=values)
+                )
+            )
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+        logging.info(
+            "[%d] %s", step, ", ".join(f"{k}={float(v):.6g}" for k, v in sorted(scalars.items()))
+        )
+        meta = scalar_metadata.create_summary_metadata(display_name="", description="")
+        self._write(
+            step,
+            [
+                summary_pb2.Summary.Value(
+                    tag=tag,
+                    metadata=meta,
+                    tensor=tensor_util.make_tensor_proto(np.float32(value)),
+                )
+                for tag, value in scalars.items()
+            ],
+        )
+
+    def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
+        from PIL import Image  # pylint: disable=g-import-not-at-top
+
+        values = []
+        for tag, batch in images.items():
+            batch = np.asarray(batch, np.uint8)
+            pngs = []
+            for image in batch:
+                buffer = io.BytesIO()
+                Image.fromarray(image).save(buffer, format="PNG")
+                pngs.append(buffer.getvalue())
+            height, width = batch.shape[1:3]
+            values.append(
+                summary_pb2.Summary.Value(
+                    tag=tag,
+                    metadata=image_metadata.create_summary_metadata(
+                        display_name=tag, description=""
+                    ),
+                    tensor=tensor_util.make_tensor_proto(
+                        [str(width).encode(), str(height).encode(), *pngs]
+                    ),
+                )
+            )
+        self._write(step, values)
+
+    def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+        meta = text_metadata.create_summary_metadata(display_name="", description="")
+        self._write(
+            step,
+            [
+                summary_pb2.Summary.Value(
+                    tag=tag, metadata=meta, tensor=tensor_util.make_tensor_proto(text.encode())
+                )
+                for tag, text in texts.items()
+            ],
+        )
+
+    def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+        """The hparams dashboard's session start (bool/int/float/str values), and the same as
+        one text table (step 0) for the text dashboard."""
+        if self._events is None:
+            return
+        self._events.add(
+            event_pb2.Event(
+                wall_time=time.time(), step=0, summary=hparams_summary.hparams_pb(hparams)
+            )
+        )
+        table = "\n".join(f"{k} | {v}" for k, v in sorted(hparams.items()))
+        self.write_texts(0, {"hparams": "name | value\n--- | ---\n" + table})
+
+    def flush(self) -> None:
+        """Nothing to do: every write is flushed (kept for clu's MetricWriter interface)."""
+
+    def close(self) -> None:
+        if self._events is not None:
+            self._events.close()
+            self._events = None
 
 
 def timeline_inputs(

@@ -1,337 +1,82 @@
-"""Training and evaluation loop: `train_and_evaluate(config, workdir)`, `evaluate(...)`.
+"""Training and evaluation: `train_and_evaluate(config, workdir)`, `evaluate(config, workdir)`.
 
 One readable loop in the style of big_vision / flax examples/imagenet:
 
 * a `Mesh` over every device of every host with one axis, "data"; batches are
-  `NamedSharding(mesh, P("data"))` global arrays built from each host's slice with
-  `jax.make_array_from_process_local_data`; parameters, BatchNorm statistics and the
-  optimizer state are replicated;
-* `jax.jit` of fva_jax.steps.train_step / eval_step, the train state donated;
-* the optimizer and schedule of fva_jax.optim;
-* optional uniform-sampling warm-up: the first `config.train.uniform_warmup_epochs` train with
-  uniform frame sampling, then full videos with clustering (two jitted steps, same params);
-* fva_jax.checkpoints in `workdir/checkpoints`: every `config.checkpoint.every_steps` and
-  at the end, resumed automatically with params, BatchNorm statistics, optimizer state, step,
-  RNG key and the data iterator state, so an interrupted run restarted with the same command
-  ends with exactly the metrics of an uninterrupted one;
-* clu metrics and metric writers (TensorBoard + logging; only process 0 writes files), clu
-  `ReportProgress` (steps/s, ETA);
+  `NamedSharding(mesh, P("data"))` global arrays built from each host's rows with
+  `jax.make_array_from_process_local_data`, put on the devices two steps ahead while the
+  current step runs; parameters, BatchNorm statistics and the optimizer state are replicated;
+* the data (`data.TrainData` / `data.EvalData`, fva_jax.data.pipeline) plans every step from
+  the videos' lengths, so steps have different shapes (one per length bucket): `jax.jit`
+  compiles each shape once, and JAX's persistent compilation cache (config.compilation_cache_dir,
+  by default WORKDIR/compilation_cache) lets a restarted run reuse them;
+* epochs (fva_jax.epochs): the first config.train.uniform_warmup_epochs train on K
+  host-chosen frames per video (mode "sampled", the model run with sampling="uniform", which
+  on K valid frames takes each once), the rest on full videos (mode "full", the configured
+  model); configs with sampling "uniform" / "dense" train every epoch sampled. The learning
+  rate's epochs are converted with the step at which each epoch really starts;
+* fva_jax.steps.train_step / eval_step, jitted here with the shardings, the state donated; the
+  loss is the mean over the step's real videos, so every step weighs the same;
+* checkpoints (fva_jax.checkpoints) every config.checkpoint.every_steps and at the end, with
+  the data state {"epoch", "step"}: a run killed at any moment and restarted with the same
+  command ends with exactly the metrics of an uninterrupted one;
+* TensorBoard events and log lines without TensorFlow (fva_jax.summaries), a progress line
+  with steps/s and ETA;
 * a NaN/Inf training loss stops the run with `FloatingPointError` before anything non-finite
   is checkpointed;
-* `workdir/final_metrics.json` with the step, the last step's training metrics and the
-  evaluation metrics (clustered, and uniform when `config.eval.also_uniform`).
+* evaluation of every video of the eval split once: whole videos ("eval"; and, with
+  config.eval.also_uniform, K uniformly chosen frames, "eval_uniform"), or K frames for the
+  sampling baselines; `workdir/final_metrics.json` (training) or `eval_metrics.json`
+  (evaluate).
 
 Test seam: `train_and_evaluate(..., data=..., model_cls=..., on_step=...)` accept replacements
-for the data pipeline module and the model class, and a callback after every step (tests use
+for the data module (anything with dataset_info, TrainData, EvalData of the
+fva_jax.data.pipeline API) and the model class, and a callback after every step (tests use
 it to simulate a crash). The defaults are `fva_jax.data.pipeline` and `FullVideoModel`.
 """
 
-import dataclasses
+import contextlib
 import functools
 import json
 import math
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
-from clu import metric_writers, periodic_actions
 from etils import epath
+from jax.experimental.compilation_cache import compilation_cache
 
-from fva_jax import checkpoints, config_lib, optim, steps, summaries
+from fva_jax import checkpoints, experiment, steps, summaries
 from fva_jax.distributed import initialize_distributed, to_host
-
-_BATCH_KEYS = ("video", "mask", "label", "batch_mask")
-
-
-# ----------------------------------------------------------------------------- the run
+from fva_jax.evaluation import eval_modes, evaluate_state
+from fva_jax.experiment import Run
 
 
-@dataclasses.dataclass(frozen=True)
-class Run:
-    """What training and evaluation of one config share; built whole by `make_run`."""
+class _TrainProgress:
+    """At each logging step: a line "step i/n (epoch e, mode), x steps/s, ETA" and the
+    scalar steps_per_sec (over the steps since the last call)."""
 
-    config: ml_collections.ConfigDict
-    workdir: epath.Path
-    data: Any  # the data pipeline module
-    info: dict[str, Any]  # data.dataset_info(config.data)
-    class_names: list[str]
-    steps_per_epoch: int
-    total_steps: int
-    uniform_steps: int  # the first steps train with uniform sampling (warm-up)
-    batch_sharding: jax.sharding.NamedSharding
-    replicated: jax.sharding.NamedSharding
-    model: Any  # the configured model
-    uniform_model: Any  # the same with sampling="uniform"
-    schedule: optax.Schedule
-    tx: optax.GradientTransformation
-    jit: Callable  # jax.jit with the config's compiler options
+    def __init__(self, total: int, start: int):
+        self.total, self.last_step, self.last_time = total, start, time.monotonic()
 
-    @property
-    def num_classes(self) -> int:
-        return int(self.info["num_classes"])
-
-
-def _init_variables_fn(config: ml_collections.ConfigDict, model) -> Callable:
-    """rng -> (params, batch_stats) of the model, initialised on a short video (parameter
-    shapes do not depend on the number of frames)."""
-    c = config
-    frames = min(
-        c.data.max_frames, max(c.model.num_clusters * c.model.dense_stride, c.model.chunk_size)
-    )
-    video = jnp.zeros((1, frames, c.data.crop_size, c.data.crop_size, 3), jnp.uint8)
-    mask = jnp.ones((1, frames), bool)
-
-    def init(rng):
-        r_params, r_dropout, r_sampling = jax.random.split(rng, 3)
-        variables = model.init(
-            {"params": r_params, "dropout": r_dropout, "sampling": r_sampling},
-            video,
-            mask,
-            train=False,
-        )
-        return variables["params"], variables.get("batch_stats", {})
-
-    return init
-
-
-def make_run(config: ml_collections.ConfigDict, workdir, data, model_cls) -> Run:
-    config_lib.validate_config(
-        config, device_count=jax.device_count(), process_count=jax.process_count()
-    )
-    info = data.dataset_info(config.data)
-    num_classes = int(info["num_classes"])
-    num_train = int(info["num_examples"][config.data.train_split])
-    steps_per_epoch = max(1, num_train // config.train.batch_size)
-    if config.train.num_train_steps > 0:
-        total_steps = int(config.train.num_train_steps)
-    else:
-        total_steps = max(1, int(math.ceil(config.train.num_epochs * steps_per_epoch)))
-    uniform_steps = min(
-        total_steps, int(round(config.train.uniform_warmup_epochs * steps_per_epoch))
-    )
-    mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
-    model = model_cls(num_classes=num_classes, **steps.model_kwargs(config))
-    schedule = optim.make_schedule(config, total_steps, steps_per_epoch)
-    # The optimizer reads only the parameters' structure and shapes: abstract ones suffice.
-    abstract_params, _ = jax.eval_shape(_init_variables_fn(config, model), jax.random.PRNGKey(0))
-    return Run(
-        config=config,
-        workdir=epath.Path(workdir),
-        data=data,
-        info=info,
-        class_names=list(info.get("class_names", [])),
-        steps_per_epoch=steps_per_epoch,
-        total_steps=total_steps,
-        uniform_steps=uniform_steps,
-        batch_sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")),
-        replicated=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
-        model=model,
-        uniform_model=model_cls(
-            num_classes=num_classes, **steps.model_kwargs(config, sampling="uniform")
-        ),
-        schedule=schedule,
-        tx=optim.make_optimizer(config, abstract_params, schedule),
-        jit=functools.partial(
-            jax.jit,
-            compiler_options=(
-                {"xla_backend_optimization_level": 0} if config.fast_compile else None
-            ),
-        ),
-    )
-
-
-def init_state(run: Run) -> steps.TrainState:
-    """A fresh replicated TrainState: random parameters (seed config.seed), zero step."""
-    init_rng, train_rng = jax.random.split(jax.random.PRNGKey(run.config.seed))
-    params, batch_stats = run.jit(
-        _init_variables_fn(run.config, run.model), out_shardings=run.replicated
-    )(init_rng)
-    opt_state = run.jit(run.tx.init, out_shardings=run.replicated)(params)
-    return steps.TrainState(
-        step=jax.device_put(jnp.zeros((), jnp.int32), run.replicated),
-        params=params,
-        batch_stats=batch_stats,
-        opt_state=opt_state,
-        rng=jax.device_put(train_rng, run.replicated),
-    )
-
-
-def load_pretrained(run: Run, state: steps.TrainState) -> steps.TrainState:
-    """state with config.train.init_from's backbone copied into params and batch_stats
-    (fva_jax.import_weights; the classifier is kept when the class count differs). The
-    optimizer state is rebuilt from the new params."""
-    from fva_jax import import_weights  # pylint: disable=g-import-not-at-top
-
-    path = run.config.train.init_from
-    merged = import_weights.merge_pretrained(
-        {"params": state.params, "batch_stats": state.batch_stats},
-        import_weights.load_pretrained(path),
-        log_fn=logging.info,
-    )
-    logging.info("Initialised the backbone from %s", path)
-    opt_state = run.jit(run.tx.init, out_shardings=run.replicated)(merged["params"])
-    return state.replace(
-        params=merged["params"], batch_stats=merged["batch_stats"], opt_state=opt_state
-    )
-
-
-def jitted_train_steps(run: Run) -> dict[str, Callable]:
-    """Jitted train steps by sampling: "main" (the configured one) and, for the warm-up,
-    "uniform"."""
-
-    def make(model):
-        return run.jit(
-            functools.partial(steps.train_step, model=model, tx=run.tx, schedule=run.schedule),
-            in_shardings=(run.replicated, run.batch_sharding),
-            out_shardings=(run.replicated, run.replicated),
-            donate_argnums=(0,),
-        )
-
-    jitted = {"main": make(run.model)}
-    if run.uniform_steps > 0:
-        jitted["uniform"] = make(run.uniform_model)
-    return jitted
-
-
-def jitted_eval_steps(run: Run) -> dict[str, Callable]:
-    """Jitted eval steps by result name: "eval" and, if configured, "eval_uniform"."""
-
-    def make(model):
-        # Per-video outputs stay sharded like the batch: each host reads its own rows.
-        return run.jit(
-            functools.partial(steps.eval_step, model=model),
-            in_shardings=(run.replicated, run.batch_sharding),
-            out_shardings=(run.replicated, run.batch_sharding),
-        )
-
-    jitted = {"eval": make(run.model)}
-    if run.config.eval.also_uniform and run.config.model.sampling != "uniform":
-        jitted["eval_uniform"] = make(run.uniform_model)
-    return jitted
-
-
-def global_batch(run: Run, local: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
-    """Per-host numpy batch -> global arrays sharded over "data"."""
-    missing = [k for k in _BATCH_KEYS if k not in local]
-    if missing:
-        raise KeyError(f"the data pipeline's batch lacks {missing}; it has {sorted(local)}")
-    return {
-        k: jax.make_array_from_process_local_data(run.batch_sharding, np.asarray(local[k]))
-        for k in _BATCH_KEYS
-    }
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-
-class _Progress:
-    """Logs "what: i/n batches (k videos), x videos/s, ETA" at most every `every_s` seconds
-    and when done: long evaluations (e.g. Breakfast's minutes-long videos) show they move."""
-
-    def __init__(
-        self, what: str, total: int, items_per_batch: int, unit: str, every_s: float = 30.0
-    ):
-        self.what, self.total, self.per_batch, self.unit = what, total, items_per_batch, unit
-        self.every_s = every_s
-        self.start = self.last = time.monotonic()
-
-    def __call__(self, done: int) -> None:
+    def __call__(self, step: int, epoch) -> dict[str, float]:
         now = time.monotonic()
-        if done < self.total and (done == 0 or now - self.last < self.every_s):
-            return
-        self.last = now
-        elapsed = max(now - self.start, 1e-9)
-        rate = done * self.per_batch / elapsed
-        eta = (self.total - done) * elapsed / max(done, 1)
+        rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
+        self.last_step, self.last_time = step, now
+        eta = (self.total - step) / max(rate, 1e-9)
         logging.info(
-            "%s: %d/%d batches (%d %s) in %.0f s, %.1f %s/s%s",
-            self.what,
-            done,
+            "step %d/%d (epoch %d, %s): %.2f steps/s, ETA %.0f s",
+            step,
             self.total,
-            done * self.per_batch,
-            self.unit,
-            elapsed,
+            epoch.index,
+            epoch.mode,
             rate,
-            self.unit,
-            "" if done >= self.total else f", ETA {eta:.0f} s",
+            eta,
         )
-
-
-def evaluate_state(
-    run: Run,
-    eval_steps: Mapping[str, Callable],
-    state: steps.TrainState,
-    timelines: list | None = None,
-) -> dict[str, dict[str, Any]]:
-    """Metrics over the whole eval split, per eval mode ("eval", maybe "eval_uniform").
-
-    timelines: if a list, the first config.eval.num_timeline_videos videos of this host's
-      first eval batch are appended to it as (frames uint8 (n, H, W, 3) of the valid frames,
-      segment_ids int32 (n,), label, prediction) of the "eval" mode (the configured sampling).
-    """
-    c = run.config
-    num_eval = int(run.info["num_examples"][c.data.eval_split])
-    local_batch = c.eval.batch_size // jax.process_count()
-    # Every host must run the same number of steps (each is a collective): hosts whose
-    # slice runs out early feed all-padding batches (batch_mask False).
-    per_host = math.ceil(num_eval / jax.process_count())
-    num_batches = max(1, math.ceil(per_host / local_batch))
-    results = {}
-    for name, step_fn in eval_steps.items():
-        it = iter(run.data.eval_iterator(c.data, batch_size=local_batch))
-        total, template = None, None
-        progress = _Progress(
-            f"{name} on {c.data.name}/{c.data.eval_split}",
-            num_batches,
-            local_batch * jax.process_count(),
-            "videos",
-        )
-        for i in range(num_batches):
-            progress(i)
-            local = next(it, None)
-            if local is None:
-                if template is None:
-                    raise ValueError(
-                        f"eval split {c.data.eval_split!r} of {c.data.name!r} yielded no "
-                        "batch on this host"
-                    )
-                local = {k: np.zeros_like(np.asarray(template[k])) for k in _BATCH_KEYS}
-            m, per_video = step_fn(state, global_batch(run, local))
-            if timelines is not None and name == "eval" and template is None:
-                timelines += summaries.timeline_inputs(local, per_video, c.eval.num_timeline_videos)
-            template = local
-            total = m if total is None else total.merge(m)
-        if next(it, None) is not None:
-            raise ValueError(
-                f"eval_iterator yielded more than {num_batches} batches of "
-                f"{local_batch} on process {jax.process_index()} for "
-                f"{num_eval} eval examples over {jax.process_count()} processes"
-            )
-        total = to_host(total)
-        progress(num_batches)
-        values = {k: float(v) for k, v in total.compute().items()}
-        per_class = total.mean_class_accuracy.per_class()
-        values["num_examples"] = int(np.asarray(total.mean_class_accuracy.total).sum())
-        values["per_class_accuracy"] = {
-            (run.class_names[i] if i < len(run.class_names) else str(i)): (
-                None if np.isnan(a) else float(a)
-            )
-            for i, a in enumerate(per_class)
-        }
-        results[name] = values
-    return results
-
-
-def _write_timelines(run: Run, writer, step: int, timelines) -> None:
-    if jax.process_index() == 0:
-        summaries.write_timelines(
-            writer, step, timelines, run.config.model.num_clusters, run.class_names
-        )
+        return {"steps_per_sec": rate}
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -347,6 +92,48 @@ def _default_model_cls():
     from fva_jax.models.full_video import FullVideoModel  # pylint: disable=g-import-not-at-top
 
     return FullVideoModel
+
+
+@contextlib.contextmanager
+def compilation_cache_for(config: ml_collections.ConfigDict, workdir):
+    """JAX's persistent compilation cache in config.compilation_cache_dir ("" =
+    WORKDIR/compilation_cache) while the block runs, unless one is already configured (e.g.
+    JAX_COMPILATION_CACHE_DIR) or the field is "off"."""
+    if jax.config.jax_compilation_cache_dir or config.compilation_cache_dir == "off":
+        yield
+        return
+    path = config.compilation_cache_dir or str(epath.Path(workdir) / "compilation_cache")
+    compilation_cache.set_cache_dir(path)
+    compilation_cache.reset_cache()  # the cache may have been checked (off) by earlier compiles
+    try:
+        yield
+    finally:
+        jax.config.update("jax_compilation_cache_dir", None)
+        compilation_cache.reset_cache()
+
+
+def _train_batches(run: Run, start: int) -> Iterator[tuple[Any, int, dict[str, np.ndarray]]]:
+    """(epoch, step within it, this process's rows) of every step after `start` completed
+    ones, across epochs, from TrainData.iterator(mode, epoch=e, start_step=i)."""
+    for epoch in run.plan.epochs:
+        if epoch.first_step + epoch.num_steps <= start:
+            continue
+        first = max(0, start - epoch.first_step)
+        it = iter(run.train_data.iterator(epoch.mode, epoch=epoch.index, start_step=first))
+        for i in range(first, epoch.num_steps):
+            local = next(it, None)
+            if local is None:
+                raise ValueError(
+                    f"TrainData.iterator({epoch.mode!r}, epoch={epoch.index}, "
+                    f"start_step={first}) ended before step {i} of its "
+                    f"steps_per_epoch = {epoch.steps_per_epoch}"
+                )
+            yield epoch, i, local
+        if epoch.num_steps == epoch.steps_per_epoch and next(it, None) is not None:
+            raise ValueError(
+                f"TrainData.iterator({epoch.mode!r}, epoch={epoch.index}) yielded more than "
+                f"its steps_per_epoch = {epoch.steps_per_epoch} steps"
+            )
 
 
 def _check_finite(pending: list[tuple[int, Any]], last_saved: int | None, workdir) -> None:
@@ -366,6 +153,26 @@ def _check_finite(pending: list[tuple[int, Any]], last_saved: int | None, workdi
             )
 
 
+def _epoch_info(epoch) -> dict[str, Any]:
+    """What a checkpoint records of its data state's epoch, to check a resume against."""
+    return {"mode": epoch.mode, "steps_per_epoch": epoch.steps_per_epoch}
+
+
+def _check_data_state(run: Run, data_state: Mapping[str, int], saved_epoch, step, where) -> None:
+    """The checkpoint's data position must be its state's step, in an epoch of the same mode
+    and length, under this config's epochs."""
+    e = int(data_state["epoch"])
+    position = run.plan.first_step(e) + int(data_state["step"])
+    now = {"mode": run.plan.mode(e), "steps_per_epoch": run.plan.steps_per_epoch(e)}
+    if position != step or (saved_epoch and saved_epoch != now):
+        raise ValueError(
+            f"the checkpoint in {where} is at step {step}, epoch {e} ({saved_epoch}), data step "
+            f"{data_state['step']}; under this config that is step {position}, epoch {e} "
+            f"({now}): config.train.uniform_warmup_epochs, train.batch_size or the data settings "
+            "changed since it was written. Restore them, or use a new --workdir"
+        )
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -378,11 +185,10 @@ def train_and_evaluate(
 
     Args:
       config: a validated-on-entry config (fva_jax.config_lib.default_config() layout).
-      workdir: local path or gs:// bucket path; holds checkpoints/, TensorBoard events and
-        final_metrics.json.
-      data: the data pipeline, an object with dataset_info(data_config),
-        train_iterator(data_config, *, batch_size, seed, state) and
-        eval_iterator(data_config, *, batch_size) (default: fva_jax.data.pipeline).
+      workdir: local path or gs:// bucket path; holds checkpoints/, TensorBoard events,
+        config.json, dataset_info.json and final_metrics.json.
+      data: the data module (default: fva_jax.data.pipeline): dataset_info(data_config),
+        TrainData and EvalData classes.
       model_cls: the model class, called as model_cls(num_classes=N, **config.model)
         (default: fva_jax.models.full_video.FullVideoModel).
       on_step: called with the step number after each step (and its checkpoint, if any).
@@ -392,91 +198,117 @@ def train_and_evaluate(
       the same dict is written to workdir/final_metrics.json by process 0.
     """
     initialize_distributed(config.distributed)
-    run = make_run(config, workdir, data or _default_data(), model_cls or _default_model_cls())
-    c = config
-    workdir = run.workdir
+    with compilation_cache_for(config, workdir):
+        run = experiment.make_run(
+            config,
+            workdir,
+            data or _default_data(),
+            model_cls or _default_model_cls(),
+            training=True,
+        )
+        try:
+            return _train_and_evaluate(run, on_step)
+        finally:
+            close = getattr(run.train_data, "close", None)
+            if close is not None:
+                close()
+
+
+def _train_and_evaluate(run: Run, on_step) -> dict[str, Any]:
+    c, workdir, plan = run.config, run.workdir, run.plan
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
     logging.info(
-        "fva_jax: %d steps (%d per epoch, %d with uniform sampling), global batch %d "
-        "over %d devices / %d processes, %d classes",
-        run.total_steps,
-        run.steps_per_epoch,
-        run.uniform_steps,
+        "fva_jax: %d steps: %s; %d videos per sampled step, full-video steps of up to %d "
+        "frames per device; %d devices / %d processes, %d classes",
+        plan.total_steps,
+        plan.describe(),
         c.train.batch_size,
+        c.data.frames_per_device,
         jax.device_count(),
         jax.process_count(),
         run.num_classes,
     )
     checkpoints.write_run_info(workdir, c, run.info)
 
-    state = init_state(run)
+    state = experiment.init_state(run)
     mngr = checkpoints.checkpoint_manager(workdir, c.checkpoint.keep)
-    data_state, last_train = None, {}
+    last_train = {}
     last_saved = mngr.latest_step()
     if last_saved is not None:
         # The checkpoint already holds the (fine-tuned) weights: train.init_from is not re-applied.
-        state, data_state, last_train = checkpoints.restore(mngr, last_saved, state)
+        state, data_state, last_train, saved_epoch = checkpoints.restore(mngr, last_saved, state)
+        if last_saved <= plan.total_steps:
+            _check_data_state(run, data_state, saved_epoch, last_saved, workdir / "checkpoints")
         logging.info("Resumed from checkpoint step %d in %s", last_saved, workdir / "checkpoints")
     elif c.train.init_from:
-        state = load_pretrained(run, state)
+        state = experiment.load_pretrained(run, state)
     start = int(to_host(state.step))
 
-    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-    if start == 0:
-        writer.write_hparams(summaries.flatten_hparams(c.to_dict()))
-    report = periodic_actions.ReportProgress(
-        num_train_steps=run.total_steps, writer=writer, every_steps=c.train.log_every_steps
-    )
-    train_iter = run.data.train_iterator(
-        c.data, batch_size=c.train.batch_size // jax.process_count(), seed=c.seed, state=data_state
-    )
-    train_steps = jitted_train_steps(run)
-    eval_steps = jitted_eval_steps(run)
+    writer = summaries.SummaryWriter(workdir if jax.process_index() == 0 else None)
+    # Closed also when a step fails (NaN loss, an exception in on_step).
+    with contextlib.closing(writer), contextlib.closing(mngr):
+        if start == 0:
+            writer.write_hparams(summaries.flatten_hparams(c.to_dict()))
+        train_steps, eval_steps = (
+            experiment.jitted_train_steps(run),
+            experiment.jitted_eval_steps(run, eval_modes(c).values()),
+        )
+        progress = _TrainProgress(plan.total_steps, start)
 
-    def evaluate_and_write(step: int, state: steps.TrainState) -> dict[str, dict[str, Any]]:
-        timelines = []
-        results = evaluate_state(run, eval_steps, state, timelines)
-        summaries.write_eval(writer, step, results)
-        _write_timelines(run, writer, step, timelines)
-        return results
+        def evaluate_and_write(step: int, state: steps.TrainState) -> dict[str, dict[str, Any]]:
+            timelines = []
+            results = evaluate_state(run, eval_steps, state, timelines)
+            summaries.write_eval(writer, step, results)
+            if jax.process_index() == 0:
+                summaries.write_timelines(
+                    writer, step, timelines, c.model.num_clusters, run.class_names
+                )
+            return results
 
-    pending: list[tuple[int, steps.TrainMetrics]] = []  # per-step metrics not yet checked/written
-    for step in range(start + 1, run.total_steps + 1):
-        batch = global_batch(run, next(train_iter))
-        step_fn = train_steps["uniform" if step <= run.uniform_steps else "main"]
-        state, m = step_fn(state, batch)
-        pending.append((step, m))
-        report(step)
+        batches = experiment.prefetch_to_devices(
+            _train_batches(run, start),
+            lambda item: (*item[:2], experiment.global_batch(run, item[2])),
+        )
+        pending: list[
+            tuple[int, steps.TrainMetrics]
+        ] = []  # per-step metrics not yet checked/written
+        for epoch, i, batch in batches:
+            step = epoch.first_step + i + 1  # optimizer steps done after this one
+            state, m = train_steps[epoch.mode](state, batch)
+            pending.append((step, m))
 
-        is_last = step == run.total_steps
-        do_log = step % c.train.log_every_steps == 0 or is_last
-        do_save = step % c.checkpoint.every_steps == 0 or is_last
-        do_eval = (c.eval.every_steps > 0 and step % c.eval.every_steps == 0) and not is_last
-        if do_log or do_save or do_eval:
-            pending = [(s, to_host(m)) for s, m in pending]
-            _check_finite(pending, last_saved, workdir)
-            window = functools.reduce(lambda a, b: a.merge(b), [m for _, m in pending])
-            writer.write_scalars(
-                step, {f"train/{k}": float(v) for k, v in window.compute().items()}
-            )
-            last_train = {k: float(v) for k, v in pending[-1][1].compute().items()}
-            pending = []
-        if do_eval:
-            evaluate_and_write(step, state)
-        if do_save:
-            checkpoints.save(mngr, step, state, train_iter.get_state(), last_train)
-            last_saved = step
-        if on_step is not None:
-            on_step(step)
+            is_last = step == plan.total_steps
+            do_log = step % c.train.log_every_steps == 0 or is_last
+            do_save = step % c.checkpoint.every_steps == 0 or is_last
+            do_eval = (c.eval.every_steps > 0 and step % c.eval.every_steps == 0) and not is_last
+            if do_log or do_save or do_eval:
+                pending = [(s, to_host(m)) for s, m in pending]
+                _check_finite(pending, last_saved, workdir)
+                window = functools.reduce(lambda a, b: a.merge(b), [m for _, m in pending])
+                scalars = {f"train/{k}": float(v) for k, v in window.compute().items()}
+                writer.write_scalars(step, {**scalars, **progress(step, epoch)})
+                last_train = {k: float(v) for k, v in pending[-1][1].compute().items()}
+                pending = []
+            if do_eval:
+                evaluate_and_write(step, state)
+            if do_save:
+                checkpoints.save(
+                    mngr,
+                    step,
+                    state,
+                    {"epoch": epoch.index, "step": i + 1},
+                    last_train,
+                    _epoch_info(epoch),
+                )
+                last_saved = step
+            if on_step is not None:
+                on_step(step)
 
-    if start >= run.total_steps:
-        logging.info("Training already finished at step %d; evaluating only.", start)
-    final = {"step": int(to_host(state.step)), "train": last_train}
-    final.update(evaluate_and_write(final["step"], state))
-    writer.flush()
-    writer.close()
-    mngr.close()
+        if start >= plan.total_steps:
+            logging.info("Training already finished at step %d; evaluating only.", start)
+        final = {"step": int(to_host(state.step)), "train": last_train}
+        final.update(evaluate_and_write(final["step"], state))
     checkpoints.write_json(workdir / "final_metrics.json", final)
     logging.info("FINAL_METRICS %s", json.dumps(final, sort_keys=True))
     return final
@@ -487,18 +319,30 @@ def evaluate(
 ) -> dict[str, Any]:
     """Evaluates the latest checkpoint in workdir; writes workdir/eval_metrics.json."""
     initialize_distributed(config.distributed)
-    run = make_run(config, workdir, data or _default_data(), model_cls or _default_model_cls())
-    state = init_state(run)
-    mngr = checkpoints.checkpoint_manager(run.workdir, config.checkpoint.keep)
-    step = mngr.latest_step()
-    if step is None:
-        raise FileNotFoundError(
-            f"no checkpoint in {run.workdir / 'checkpoints'}; train first "
-            "(--mode=train) or point --workdir at a trained run"
+    with compilation_cache_for(config, workdir):
+        run = experiment.make_run(
+            config,
+            workdir,
+            data or _default_data(),
+            model_cls or _default_model_cls(),
+            training=False,
         )
-    state, _, _ = checkpoints.restore(mngr, step, state)
-    results = {"step": step, **evaluate_state(run, jitted_eval_steps(run), state)}
-    mngr.close()
+        state = experiment.init_state(run)
+        mngr = checkpoints.checkpoint_manager(run.workdir, config.checkpoint.keep)
+        step = mngr.latest_step()
+        if step is None:
+            raise FileNotFoundError(
+                f"no checkpoint in {run.workdir / 'checkpoints'}; train first "
+                "(--mode=train) or point --workdir at a trained run"
+            )
+        state, *_ = checkpoints.restore(mngr, step, state)
+        results = {
+            "step": step,
+            **evaluate_state(
+                run, experiment.jitted_eval_steps(run, eval_modes(config).values()), state
+            ),
+        }
+        mngr.close()
     checkpoints.write_json(run.workdir / "eval_metrics.json", results)
     logging.info("EVAL_METRICS %s", json.dumps(results, sort_keys=True))
     return results

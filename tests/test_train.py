@@ -1,12 +1,16 @@
-"""End-to-end tests of the trainer on the real model and the real sparse_events pipeline.
+"""End-to-end tests of the trainer on the real model and a fake data module with the agreed
+data API (tests/fake_data.py: 12 train / 6 test videos of 9-40 frames in two length buckets,
+16 px, 4 classes).
 
-One tiny data set (sparse_events "tiny": 12 train / 6 test videos of 12-24 frames, 32 px)
-is built once per session; the demo config is shrunk (ResNet-18 of width 8, 16 px crops,
-16 frames, K=4, 4 steps). A persistent compilation cache shared by the runs of this module
-keeps repeated runs of the same program (resume, eval-only) cheap.
+The demo config is shrunk (ResNet-18 of width 8, K=4, chunks of 8 frames, 32 frames per
+device): one sampled-frame warm-up epoch (3 steps of 4 videos) then one full-video epoch
+(8 steps: 4 of 2 videos of <= 16 frames, 4 of one video of <= 40 frames). A persistent
+compilation cache shared by the runs of this module keeps repeated runs of the same
+programs (resume, eval-only, other processes) cheap.
 """
 
 import functools
+import io
 import json
 import math
 import os
@@ -16,6 +20,7 @@ import socket
 import subprocess
 import sys
 
+import fake_data
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -25,40 +30,51 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
-from fva_jax import checkpoints, config_lib, distributed, optim, steps, train
-from fva_jax.data import pipeline
+from fva_jax import (
+    checkpoints,
+    config_lib,
+    distributed,
+    epochs,
+    experiment,
+    optim,
+    steps,
+    train,
+)
 from fva_jax.models.full_video import FullVideoModel
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-STEPS = 4
+SAMPLED_STEPS, FULL_STEPS = 3, 8
+STEPS = SAMPLED_STEPS + FULL_STEPS
 
 # Overrides of configs/demo.py for tests, as `--config.<field>=<value>` flags or in-process.
 TINY = {
     "fast_compile": True,  # XLA optimisation level 0: ~3x faster compiles of the tiny steps
     "data.builder_config": "tiny",
-    "data.max_frames": 16,
+    "data.max_frames": 40,  # >= the longest fake video: no frame dropped (predict pads to it)
     "data.resize_short": 32,
     "data.crop_size": 16,
-    "data.shuffle_buffer": 16,
+    "data.frames_per_device": 32,
     "model.width": 8,
     "model.num_clusters": 4,
     "model.chunk_size": 8,
     "train.batch_size": 4,
-    "train.num_train_steps": STEPS,
-    # 12 train videos / batch 4 = 3 steps per epoch: the first step samples uniformly.
-    "train.uniform_warmup_epochs": 1 / 3,
+    "train.num_epochs": 2.0,
+    "train.uniform_warmup_epochs": 1,
     "train.log_every_steps": 1,
     "schedule.warmup_epochs": 0.0,
-    "checkpoint.every_steps": 2,
+    "checkpoint.every_steps": 4,
     "eval.batch_size": 4,
     "eval.also_uniform": True,
     "eval.num_timeline_videos": 2,
 }
 
+# Without the sampled-frame warm-up and evaluation: fewer programs to compile.
+CLUSTER_ONLY = {"train.uniform_warmup_epochs": 0, "eval.also_uniform": False}
 
-def tiny_config(data_dir: str, **extra) -> ml_collections.ConfigDict:
+
+def tiny_config(**extra) -> ml_collections.ConfigDict:
     config = config_lib.load_config_file(REPO / "configs" / "demo.py")
-    for field, value in {**TINY, "data.data_dir": data_dir, **extra}.items():
+    for field, value in {**TINY, **extra}.items():
         *groups, name = field.split(".")
         node = config
         for group in groups:
@@ -67,18 +83,12 @@ def tiny_config(data_dir: str, **extra) -> ml_collections.ConfigDict:
     return config
 
 
-def flags_for(data_dir: str, **extra) -> list[str]:
-    return [f"--config.{k}={v}" for k, v in {**TINY, "data.data_dir": data_dir, **extra}.items()]
+def flags_for(**extra) -> list[str]:
+    return [f"--config.{k}={v}" for k, v in {**TINY, **extra}.items()]
 
 
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory) -> str:
-    """sparse_events/tiny built once for the session."""
-    path = str(tmp_path_factory.mktemp("tfds"))
-    config = tiny_config(path)
-    info = pipeline.dataset_info(config.data)  # builds it
-    assert info["num_examples"] == {"train": 12, "test": 6}
-    return path
+def train_run(config, workdir, **kwargs) -> dict:
+    return train.train_and_evaluate(config, str(workdir), data=fake_data, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -104,12 +114,15 @@ def compile_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def full_run(data_dir, compile_cache, tmp_path_factory):
-    """An uninterrupted run of the tiny config: (config, workdir, returned metrics)."""
+def full_run(compile_cache, tmp_path_factory):
+    """An uninterrupted run of the tiny config: (config, workdir, returned metrics, the fake
+    data's step log of the run)."""
     del compile_cache
     workdir = tmp_path_factory.mktemp("full_run")
-    config = tiny_config(data_dir)
-    return config, workdir, train.train_and_evaluate(config, str(workdir))
+    config = tiny_config()
+    fake_data.STEP_LOG.clear()
+    final = train_run(config, workdir)
+    return config, workdir, final, list(fake_data.STEP_LOG)
 
 
 def restore_state(workdir, step: int) -> dict:
@@ -119,92 +132,139 @@ def restore_state(workdir, step: int) -> dict:
     )
 
 
-def reference_eval(config, variables, sampling: str) -> dict:
-    """Eval metrics computed the plain way: one video batch at a time, NumPy reductions."""
-    info = pipeline.dataset_info(config.data)
+def checkpoint_steps(workdir) -> list[int]:
+    return sorted(int(p.name) for p in (pathlib.Path(workdir) / "checkpoints").iterdir())
+
+
+def reference_eval(config, variables, mode: str) -> dict:
+    """Eval metrics computed the plain way: one test video at a time (whole, padded to its
+    chunk multiple, with the clustered model; or its K centre-sampled frames with the
+    uniform model), NumPy reductions."""
+    info = fake_data.dataset_info(config.data)
+    sampling = "uniform" if mode == "sampled" else config.model.sampling
     model = FullVideoModel(
-        num_classes=info["num_classes"],
-        **{**config.model.to_dict(), "dtype": jnp.float32, "sampling": sampling},
+        num_classes=info["num_classes"], **steps.model_kwargs(config, sampling=sampling)
     )
     apply = jax.jit(
         functools.partial(model.apply, train=False),
         compiler_options={"xla_backend_optimization_level": 0},
     )
-    losses, top1, top5, labels = [], [], [], []
-    for batch in pipeline.eval_iterator(config.data, batch_size=2):
-        logits, _ = apply(variables, batch["video"], batch["mask"])
-        logits = np.asarray(logits, np.float64)
-        keep = batch["batch_mask"]
-        logp = (
-            logits
-            - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True))
-            - logits.max(1, keepdims=True)
-        )
-        y = batch["label"]
-        rank = (logits > logits[np.arange(len(y)), y][:, None]).sum(1)
-        losses += list(-logp[np.arange(len(y)), y][keep])
-        top1 += list((rank < 1)[keep])
-        top5 += list((rank < 5)[keep])
-        labels += list(y[keep])
-    labels, top1 = np.array(labels), np.array(top1, float)
-    per_class = [
-        top1[labels == c].mean() for c in range(info["num_classes"]) if (labels == c).any()
-    ]
+    logits, labels = [], []
+    chunk = config.model.chunk_size
+    for index in range(info["num_examples"]["test"]):
+        frames = fake_data.video(config, "test", index)
+        if mode == "sampled":
+            frames = frames[fake_data.sampled_indices(config, len(frames), None)]
+        padded = -(-len(frames) // chunk) * chunk if mode == "full" else len(frames)
+        video = np.zeros((1, padded) + frames.shape[1:], np.uint8)
+        video[0, : len(frames)] = frames
+        out, _ = apply(variables, video, np.arange(padded)[None] < len(frames))
+        logits.append(np.asarray(out[0], np.float64))
+        labels.append(fake_data.label_of("test", index))
+    logits, y = np.stack(logits), np.array(labels)
+    top = logits.max(1, keepdims=True)
+    logp = logits - top - np.log(np.exp(logits - top).sum(1, keepdims=True))
+    rank = (logits > logits[np.arange(len(y)), y][:, None]).sum(1)
+    top1 = (rank < 1).astype(float)
+    per_class = [top1[y == c].mean() for c in range(info["num_classes"]) if (y == c).any()]
     return {
-        "loss": np.mean(losses),
+        "loss": -logp[np.arange(len(y)), y].mean(),
         "top1": top1.mean(),
-        "top5": np.mean(top5),
+        "top5": (rank < 5).mean(),
         "mean_class_accuracy": np.mean(per_class),
-        "num_examples": len(labels),
+        "num_examples": len(y),
     }
 
 
-# Without the uniform-sampling warm-up and evaluation: fewer programs to compile.
-CLUSTER_ONLY = {"train.uniform_warmup_epochs": 0.0, "eval.also_uniform": False}
+def read_events(workdir) -> dict[str, dict[int, object]]:
+    """{tag: {step: value}} of every event file in workdir, read without TensorFlow: scalars
+    as float, images as uint8 (H, W, 3), texts as str."""
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.util import tensor_util
+
+    out = {}
+    for f in sorted(pathlib.Path(workdir).glob("events.out.tfevents.*")):
+        for event in EventFileLoader(str(f)).Load():
+            for value in event.summary.value:
+                plugin = value.metadata.plugin_data.plugin_name
+                if plugin == "scalars":
+                    v = float(tensor_util.make_ndarray(value.tensor))
+                elif plugin == "images":
+                    png = value.tensor.string_val[2]  # [width, height, png, ...]
+                    v = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+                elif plugin == "text":
+                    v = value.tensor.string_val[0].decode()
+                else:
+                    v = plugin
+                out.setdefault(value.tag, {})[event.step] = v
+    return out
+
 
 # ----------------------------------------------------------------------------- one run
 
 
 def test_run_trains_evaluates_and_writes_results(full_run):
-    config, workdir, final = full_run
+    config, workdir, final, _ = full_run
     on_disk = json.loads((workdir / "final_metrics.json").read_text())
     assert on_disk == json.loads(json.dumps(final))
     assert final["step"] == STEPS
-    # Cosine schedule without warm-up: the last step (t = 3 of 4) used this learning rate.
+    # Cosine schedule without warm-up: the last step (t = STEPS - 1) used this learning rate.
     lr = config.schedule.base_lr * 0.5 * (1 + math.cos(math.pi * (STEPS - 1) / STEPS))
-    assert final["train"]["learning_rate"] == pytest.approx(lr, rel=1e-6)
+    assert final["train"]["learning_rate"] == pytest.approx(lr, rel=1e-5)
     assert math.isfinite(final["train"]["loss"]) and final["train"]["grad_norm"] > 0
     for mode in ("eval", "eval_uniform"):
         assert final[mode]["num_examples"] == 6  # every test video exactly once, padding ignored
-        assert set(final[mode]["per_class_accuracy"]) == {
-            "red_square",
-            "green_disc",
-            "blue_triangle",
-            "yellow_cross",
-        }
-    # Checkpoints every 2 steps and at the end; TensorBoard events from process 0.
-    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4"]
-    assert list(workdir.glob("events.out.tfevents.*"))
+        assert set(final[mode]["per_class_accuracy"]) == set(fake_data.CLASS_NAMES)
+    # Checkpoints every 4 steps and at the end; TensorBoard events from process 0.
+    assert checkpoint_steps(workdir) == [4, 8, STEPS]
+    events = read_events(workdir)
+    assert sorted(events["train/loss"]) == list(range(1, STEPS + 1))
+    assert events["train/learning_rate"][STEPS] == pytest.approx(lr, rel=1e-5)
+    assert events["eval/top1"][STEPS] == pytest.approx(final["eval"]["top1"])
+    assert events["eval_uniform/top1"][STEPS] == pytest.approx(final["eval_uniform"]["top1"])
+    assert "steps_per_sec" in events and "_hparams_/session_start_info" in events
+    assert "model.num_clusters | 4" in events["hparams"][0]
     # Training changed the parameters, and the step counter matches.
     state = restore_state(workdir, STEPS)
     assert int(state["step"]) == STEPS
     assert float(np.abs(np.asarray(state["params"]["trunk"]["fc"]["kernel"])).sum()) > 0
 
 
+def test_epochs_read_every_video_once_in_their_mode(full_run):
+    """Epoch 0 sampled (K frames, 4 videos per step), epoch 1 full videos in their length
+    buckets; every training video once per epoch; evaluation reads every test video once per
+    mode."""
+    _, _, _, log = full_run
+    train_log = [r for r in log if r[0] == "train"]
+    assert [(r[1], r[2], r[3]) for r in train_log] == [
+        *(("sampled", 0, i) for i in range(SAMPLED_STEPS)),
+        *(("full", 1, i) for i in range(FULL_STEPS)),
+    ]
+    for epoch in (0, 1):
+        seen = [v for r in train_log if r[2] == epoch for v in r[5] if v >= 0]
+        assert sorted(seen) == list(range(12)), epoch
+    assert {tuple(r[4][:2]) for r in train_log if r[1] == "sampled"} == {(4, 4)}
+    assert {tuple(r[4][:2]) for r in train_log if r[1] == "full"} == {(2, 16), (1, 40)}
+    for mode in ("full", "sampled"):
+        seen = [v for r in log if r[0] == "test" and r[1] == mode for v in r[5] if v >= 0]
+        assert sorted(seen) == list(range(6)), mode
+
+
 def test_eval_metrics_match_plain_computation(full_run):
-    config, workdir, final = full_run
+    config, workdir, final, _ = full_run
     state = restore_state(workdir, STEPS)
     variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
-    for mode, sampling in (("eval", "cluster"), ("eval_uniform", "uniform")):
-        ref = reference_eval(config, variables, sampling)
-        assert final[mode]["num_examples"] == ref["num_examples"]
+    for name, mode in (("eval", "full"), ("eval_uniform", "sampled")):
+        ref = reference_eval(config, variables, mode)
+        assert final[name]["num_examples"] == ref["num_examples"]
         for key in ("loss", "top1", "top5", "mean_class_accuracy"):
-            assert final[mode][key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), (mode, key)
+            assert final[name][key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), (name, key)
 
 
 def test_evaluate_mode_reproduces_final_eval(full_run):
-    config, workdir, final = full_run
-    result = train.evaluate(config, str(workdir))
+    config, workdir, final, _ = full_run
+    result = train.evaluate(config, str(workdir), data=fake_data)
     assert result["step"] == STEPS
     assert result["eval"] == final["eval"] and result["eval_uniform"] == final["eval_uniform"]
     assert json.loads((workdir / "eval_metrics.json").read_text())["eval"] == final["eval"]
@@ -215,34 +275,39 @@ class _Killed(Exception):
 
 
 def test_resume_after_kill_gives_identical_metrics(full_run, tmp_path):
-    config, full_workdir, final = full_run
+    config, full_workdir, final, _ = full_run
 
-    def kill_at_step_3(step):  # after the checkpoint at step 2, before the next one
-        if step == 3:
+    def kill_at_step_6(step):  # after the checkpoint at step 4, inside the full-video epoch
+        if step == 6:
             raise _Killed()
 
     with pytest.raises(_Killed):
-        train.train_and_evaluate(config, str(tmp_path), on_step=kill_at_step_3)
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2"]
+        train_run(config, tmp_path, on_step=kill_at_step_6)
+    assert checkpoint_steps(tmp_path) == [4]
     assert not (tmp_path / "final_metrics.json").exists()
+    data_state = json.loads((tmp_path / "checkpoints" / "4" / "data" / "metadata").read_text())
+    assert data_state["data_state"] == {"epoch": 1, "step": 1}  # 3 sampled steps + 1 full
 
-    resumed = train.train_and_evaluate(config, str(tmp_path))
+    fake_data.STEP_LOG.clear()
+    resumed = train_run(config, tmp_path)
     assert resumed == final  # exactly, not approximately
+    first = next(r for r in fake_data.STEP_LOG if r[0] == "train")
+    assert first[1:4] == ("full", 1, 1)  # the data resumed where the checkpoint was
     a, b = restore_state(full_workdir, STEPS), restore_state(tmp_path, STEPS)
     jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
 def test_evaluation_during_training_does_not_change_training(full_run, tmp_path):
-    config, _, final = full_run
-    config = tiny_config(config.data.data_dir, **{"eval.every_steps": 2})
-    assert train.train_and_evaluate(config, str(tmp_path)) == final
+    _, _, final, _ = full_run
+    config = tiny_config(**{"eval.every_steps": 4})
+    assert train_run(config, tmp_path) == final
+    assert sorted(read_events(tmp_path)["eval/top1"]) == [4, 8, STEPS]
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, compile_cache, tmp_path):
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(compile_cache, tmp_path):
     del compile_cache
     # A huge learning rate without clipping overflows the weights after the first update.
     config = tiny_config(
-        data_dir,
         **{
             "schedule.base_lr": 1e30,
             "optim.grad_clip_norm": 0.0,
@@ -255,10 +320,125 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, compile_cache, 
         match=r"training loss is (nan|inf|-inf) at step 2; "
         r"stopping \(the last good checkpoint is step 1",
     ):
-        train.train_and_evaluate(config, str(tmp_path))
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1"]
+        train_run(config, tmp_path)
+    assert checkpoint_steps(tmp_path) == [1]
     state = restore_state(tmp_path, 1)
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
+
+
+def test_changed_epochs_on_resume_are_rejected(full_run, tmp_path):
+    """A checkpoint's data position that does not match its step under the current config
+    (here: a longer warm-up) is an error naming the fields, not a silent mismatch."""
+    import shutil
+
+    _, full_workdir, _, _ = full_run
+    shutil.copytree(full_workdir / "checkpoints", tmp_path / "checkpoints")
+    for step in (8, STEPS):  # resume from step 4: epoch 1 (full videos), data step 1
+        shutil.rmtree(tmp_path / "checkpoints" / str(step))
+    config = tiny_config(**{"train.uniform_warmup_epochs": 2, "train.num_epochs": 3.0})
+    with pytest.raises(ValueError, match=r"uniform_warmup_epochs.*changed"):
+        train_run(config, tmp_path)
+
+
+def test_persistent_compilation_cache_in_workdir(compile_cache, tmp_path):
+    """Without a cache configured, compiled programs go to WORKDIR/compilation_cache (where a
+    restarted run finds them); the setting does not outlive the run, and a cache configured
+    already (JAX_COMPILATION_CACHE_DIR, here this module's) is left alone."""
+    config = tiny_config()
+    with train.compilation_cache_for(config, tmp_path / "kept"):
+        assert jax.config.jax_compilation_cache_dir == compile_cache
+    try:
+        jax.config.update("jax_compilation_cache_dir", None)
+        compilation_cache.reset_cache()
+        with train.compilation_cache_for(config, tmp_path):
+            assert jax.config.jax_compilation_cache_dir == str(tmp_path / "compilation_cache")
+            jax.jit(lambda x: x * 3 + 1)(jnp.arange(7.0)).block_until_ready()
+        assert list((tmp_path / "compilation_cache").iterdir())
+        assert not jax.config.jax_compilation_cache_dir
+        with train.compilation_cache_for(tiny_config(compilation_cache_dir="off"), tmp_path):
+            assert not jax.config.jax_compilation_cache_dir
+    finally:
+        compilation_cache.set_cache_dir(compile_cache)
+        compilation_cache.reset_cache()
+
+
+# ----------------------------------------------------------------------------- epochs, schedule
+
+
+def test_epoch_plan_modes_starts_and_cuts():
+    plan = epochs.EpochPlan(
+        steps_per_mode={"sampled": 3, "full": 8}, warmup_epochs=1, full_video=True, num_epochs=3
+    )
+    assert [(e.index, e.mode, e.first_step, e.num_steps) for e in plan.epochs] == [
+        (0, "sampled", 0, 3),
+        (1, "full", 3, 8),
+        (2, "full", 11, 8),
+    ]
+    assert plan.total_steps == 19
+    # Fractions of an epoch count that epoch's own steps.
+    assert [plan.epoch_to_step(x) for x in (0, 0.5, 1, 1.5, 2.25, 4)] == [0, 2, 3, 7, 13, 27]
+    assert [plan.position(s) for s in (0, 2, 3, 10, 11, 19)] == [
+        (0, 0),
+        (0, 2),
+        (1, 0),
+        (1, 7),
+        (2, 0),
+        (2, 8),
+    ]
+    assert plan.describe() == "1 sampled epoch (3 steps each), then 2 full epochs (8 steps each)"
+    half = epochs.EpochPlan(
+        steps_per_mode={"sampled": 3, "full": 8}, warmup_epochs=1, full_video=True, num_epochs=1.5
+    )
+    assert [(e.mode, e.num_steps) for e in half.epochs] == [("sampled", 3), ("full", 4)]
+    by_steps = epochs.EpochPlan(
+        steps_per_mode={"sampled": 3, "full": 8},
+        warmup_epochs=1,
+        full_video=True,
+        num_epochs=40,
+        num_train_steps=20,
+    )
+    assert [(e.index, e.num_steps) for e in by_steps.epochs] == [(0, 3), (1, 8), (2, 8), (3, 1)]
+    sampled_only = epochs.EpochPlan(
+        steps_per_mode={"sampled": 5}, warmup_epochs=0, full_video=False, num_epochs=2
+    )
+    assert [e.mode for e in sampled_only.epochs] == ["sampled", "sampled"]
+
+
+def test_schedules():
+    config = config_lib.default_config()
+    config.schedule.base_lr = 0.4
+    config.schedule.warmup_epochs = 1.0
+    sched = optim.make_schedule(config, total_steps=50, epoch_to_step=lambda e: round(e * 10))
+    assert [float(sched(s)) for s in (0, 5, 10)] == pytest.approx([0.0, 0.2, 0.4])
+    assert float(sched(30)) == pytest.approx(0.4 * 0.5 * (1 + math.cos(math.pi * 20 / 40)))
+    config.schedule.name = "step"
+    config.schedule.step_epochs = (2.0, 4.0)
+    sched = optim.make_schedule(config, total_steps=50, epoch_to_step=lambda e: round(e * 10))
+    assert [float(sched(s)) for s in (15, 19, 21, 39, 41)] == pytest.approx(
+        [0.4, 0.4, 0.04, 0.04, 0.004]
+    )
+
+
+def test_schedule_epochs_follow_the_steps_of_each_epoch():
+    """With a 3-step sampled epoch and 8-step full epochs, warm-up 1.5 epochs ends at step
+    3 + 4 = 7 and a step decay at epoch 2 falls at step 11."""
+    plan = epochs.EpochPlan(
+        steps_per_mode={"sampled": 3, "full": 8}, warmup_epochs=1, full_video=True, num_epochs=3
+    )
+    config = config_lib.default_config()
+    config.schedule.base_lr = 0.7
+    config.schedule.warmup_epochs = 1.5
+    config.schedule.name = "step"
+    config.schedule.step_epochs = (2.0,)
+    sched = optim.make_schedule(config, plan.total_steps, plan.epoch_to_step)
+    assert [float(sched(s)) for s in (0, 7, 10, 11)] == pytest.approx([0.0, 0.7, 0.7, 0.07])
+    assert float(sched(3.5)) == pytest.approx(0.35)
+
+
+def test_uniform_warmup_must_be_whole_epochs():
+    config = tiny_config(**{"train.uniform_warmup_epochs": 1.5})
+    with pytest.raises(config_lib.ConfigError, match=r"uniform_warmup_epochs must be a whole"):
+        config_lib.validate_config(config)
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -320,28 +500,14 @@ def test_classifier_name_must_match_a_module():
         optim.make_optimizer(config, _toy_params(), optax.constant_schedule(0.1))
 
 
-def test_schedules():
-    config = config_lib.default_config()
-    config.schedule.base_lr = 0.4
-    config.schedule.warmup_epochs = 1.0
-    sched = optim.make_schedule(config, total_steps=50, steps_per_epoch=10)
-    assert [float(sched(s)) for s in (0, 5, 10)] == pytest.approx([0.0, 0.2, 0.4])
-    assert float(sched(30)) == pytest.approx(0.4 * 0.5 * (1 + math.cos(math.pi * 20 / 40)))
-    config.schedule.name = "step"
-    config.schedule.step_epochs = (2.0, 4.0)
-    sched = optim.make_schedule(config, total_steps=50, steps_per_epoch=10)
-    assert [float(sched(s)) for s in (15, 19, 21, 39, 41)] == pytest.approx(
-        [0.4, 0.4, 0.04, 0.04, 0.004]
-    )
-
-
 # ----------------------------------------------------------------------------- devices, hosts
 
 
-def _run_main(args, env_extra, timeout=300):
+def _run_main(args, env_extra):
+    """tests/fake_main.py (fva_jax.main with the fake data) in its own process."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO), **env_extra}
     return subprocess.Popen(
-        [sys.executable, "-m", "fva_jax.main", "--config=configs/demo.py", *args],
+        [sys.executable, str(REPO / "tests" / "fake_main.py"), "--config=configs/demo.py", *args],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,
@@ -356,12 +522,30 @@ def _final_metrics_from_log(log: str) -> dict:
     return json.loads(found[-1])
 
 
-def test_four_devices_give_the_same_result_as_one(full_run, data_dir, compile_cache, tmp_path):
+def _data_steps_from_log(log: str) -> list[tuple]:
+    """The fake data's (split, mode, epoch, step, shape, videos) records of a run's log."""
+    return [
+        tuple(tuple(x) if isinstance(x, list) else x for x in json.loads(m))
+        for m in re.findall(r"FAKE_DATA_STEP (\[.*\])", log)
+    ]
+
+
+# The sampling baseline: every step sampled (K frames, 4 videos), so the global batches do not
+# depend on the number of devices.
+SAMPLED_ONLY = {
+    "model.sampling": "uniform",
+    "train.uniform_warmup_epochs": 0,
+    "train.num_epochs": 1.0,
+    "eval.also_uniform": False,
+}
+
+
+def test_four_devices_give_the_same_result_as_one(compile_cache, tmp_path):
     """The same global batches on 4 fake CPU devices (batch sharded 1 per device) through
     main.py: same training losses and evaluation as the in-process 1-device run."""
-    _, _, final = full_run
+    one = train_run(tiny_config(**SAMPLED_ONLY), tmp_path / "one")
     proc = _run_main(
-        [f"--workdir={tmp_path}", *flags_for(data_dir)],
+        [f"--workdir={tmp_path / 'four'}", *flags_for(**SAMPLED_ONLY)],
         {
             "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
             "JAX_COMPILATION_CACHE_DIR": compile_cache,
@@ -370,11 +554,11 @@ def test_four_devices_give_the_same_result_as_one(full_run, data_dir, compile_ca
     log, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, log[-3000:]
     assert "4 local / 4 global devices" in log
-    four = json.loads((tmp_path / "final_metrics.json").read_text())
+    four = json.loads((tmp_path / "four" / "final_metrics.json").read_text())
     assert four == _final_metrics_from_log(log)
-    assert four["step"] == final["step"]
-    for mode in ("train", "eval", "eval_uniform"):
-        for key, value in final[mode].items():
+    assert four["step"] == one["step"] == SAMPLED_STEPS
+    for mode in ("train", "eval"):
+        for key, value in one[mode].items():
             if key != "per_class_accuracy":
                 assert four[mode][key] == pytest.approx(value, rel=1e-4, abs=1e-5), (mode, key)
 
@@ -385,14 +569,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_train_together_and_agree(data_dir, compile_cache, tmp_path):
-    """jax.distributed on localhost (CPU, gloo): 2 processes x 1 device, batch 4 = 2 per host."""
+def test_two_processes_train_together_and_agree(compile_cache, tmp_path):
+    """jax.distributed on localhost (CPU, gloo): 2 processes x 1 device, one full-video
+    epoch. Both run the same shapes at every step, every training video is read once in the
+    epoch across the two, every test video once in evaluation."""
     port = _free_port()
     procs = [
         _run_main(
             [
                 f"--workdir={tmp_path}",
-                *flags_for(data_dir, **{"train.num_train_steps": 2, **CLUSTER_ONLY}),
+                *flags_for(**{"train.num_epochs": 1.0, **CLUSTER_ONLY}),
                 f"--config.distributed.coordinator_address=127.0.0.1:{port}",
                 "--config.distributed.num_processes=2",
                 f"--config.distributed.process_id={i}",
@@ -415,11 +601,35 @@ def test_two_processes_train_together_and_agree(data_dir, compile_cache, tmp_pat
     results = [_final_metrics_from_log(log) for log in logs]
     assert results[0] == results[1]
     assert results[0] == json.loads((tmp_path / "final_metrics.json").read_text())
-    assert results[0]["step"] == 2 and math.isfinite(results[0]["train"]["loss"])
+    # 2 global slots per device step: 8 short videos in 2 steps of 4, 4 long ones in 2 of 2.
+    assert results[0]["step"] == 4 and math.isfinite(results[0]["train"]["loss"])
     assert results[0]["eval"]["num_examples"] == 6  # each test video once across both hosts
-    # One checkpoint holding both hosts' data-iterator states.
-    data_state = json.loads((tmp_path / "checkpoints" / "2" / "data" / "metadata").read_text())
-    assert data_state["process_count"] == 2 and len(data_state["states"]) == 2
+    reads = [_data_steps_from_log(log) for log in logs]
+    assert [r[:5] for r in reads[0]] == [r[:5] for r in reads[1]]  # same steps and shapes
+    for split, count in (("train", 12), ("test", 6)):
+        seen = [v for r in reads[0] + reads[1] if r[0] == split for v in r[5] if v >= 0]
+        assert sorted(seen) == list(range(count)), split
+    # One checkpoint holding the global data position and the host layout.
+    data_state = json.loads((tmp_path / "checkpoints" / "4" / "data" / "metadata").read_text())
+    assert data_state["process_count"] == 2
+    assert data_state["data_state"] == {"epoch": 0, "step": 4}
+
+
+def test_training_imports_no_tensorflow(compile_cache, tmp_path):
+    """A few steps and an evaluation in a process where `import tensorflow` fails (an import
+    hook first on sys.meta_path): metrics, checkpoints and TensorBoard events are written."""
+    proc = _run_main(
+        [f"--workdir={tmp_path}", *flags_for(**{"train.num_train_steps": 2, **CLUSTER_ONLY})],
+        {"JAX_COMPILATION_CACHE_DIR": compile_cache, "FVA_BLOCK_TENSORFLOW": "1"},
+    )
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, log[-3000:]
+    assert log.rstrip().endswith("TENSORFLOW_IMPORTED False"), log[-3000:]
+    final = json.loads((tmp_path / "final_metrics.json").read_text())
+    assert final["step"] == 2 and final["eval"]["num_examples"] == 6
+    events = read_events(tmp_path)
+    assert sorted(events["train/loss"]) == [1, 2]
+    assert set(events["clusters/video0"]) == {2}
 
 
 @pytest.mark.parametrize(
@@ -489,24 +699,24 @@ def _write_random_pretrained(config, out_dir, seed: int) -> dict:
 def test_init_from_loads_weights_before_training_not_on_resume(full_run, tmp_path, monkeypatch):
     from flax import traverse_util
 
-    config, full_workdir, final = full_run
+    config, full_workdir, final, _ = full_run
     pretrained = _write_random_pretrained(config, tmp_path / "weights", seed=7)
-    config = tiny_config(config.data.data_dir, **{"train.init_from": str(tmp_path / "weights")})
+    config = tiny_config(**{"train.init_from": str(tmp_path / "weights")})
     loaded = []
-    original = train.load_pretrained
+    original = experiment.load_pretrained
 
     def recording(run, state):
         new = original(run, state)
         loaded.append(jax.device_get((new.params, new.batch_stats, new.opt_state)))
         return new
 
-    monkeypatch.setattr(train, "load_pretrained", recording)
+    monkeypatch.setattr(experiment, "load_pretrained", recording)
 
     def stop_after_first_step(step):
         raise _Killed()
 
     with pytest.raises(_Killed):
-        train.train_and_evaluate(config, str(tmp_path / "fresh"), on_step=stop_after_first_step)
+        train_run(config, tmp_path / "fresh", on_step=stop_after_first_step)
     assert len(loaded) == 1
     params, batch_stats, opt_state = loaded[0]
     for collection, tree in (("params", params), ("batch_stats", batch_stats)):
@@ -529,77 +739,75 @@ def test_init_from_loads_weights_before_training_not_on_resume(full_run, tmp_pat
 
     resumed = tmp_path / "resumed"
     shutil.copytree(full_workdir, resumed)
-    assert train.train_and_evaluate(config, str(resumed)) == final
+    assert train_run(config, resumed) == final
     assert len(loaded) == 1
 
 
-def test_init_from_errors_name_the_problem(data_dir, tmp_path):
-    config = tiny_config(data_dir, **{"train.init_from": str(tmp_path / "nowhere")})
+def test_init_from_errors_name_the_problem(tmp_path):
+    config = tiny_config(**{"train.init_from": str(tmp_path / "nowhere")})
     with pytest.raises(Exception, match="nowhere"):
-        train.train_and_evaluate(config, str(tmp_path / "w"))
+        train_run(config, tmp_path / "w")
 
 
 # ----------------------------------------------------------------------------- timelines
 
 
-def _read_images(workdir) -> dict[tuple[str, int], np.ndarray]:
-    """{(tag, step): uint8 (H, W, 3)} of every image summary in the workdir's event files."""
-    import tensorflow as tf
-
-    images = {}
-    for f in sorted(pathlib.Path(workdir).glob("events.out.tfevents.*")):
-        for event in tf.compat.v1.train.summary_iterator(str(f)):
-            for value in event.summary.value:
-                if value.metadata.plugin_data.plugin_name == "images":
-                    data = tf.make_ndarray(value.tensor)  # [width, height, png, ...]
-                    images[(value.tag, event.step)] = tf.io.decode_png(data[2], channels=3).numpy()
-    return images
-
-
 def test_cluster_timelines_written_to_tensorboard(full_run):
     from fva_jax import visualize
 
-    config, workdir, _ = full_run
-    images = _read_images(workdir)
-    assert sorted(images) == [("clusters/video0", STEPS), ("clusters/video1", STEPS)]
-    # The same pictures drawn the plain way: the first eval batch through the checkpoint's model.
+    config, workdir, _, _ = full_run
+    events = read_events(workdir)
+    images = {tag: v for tag, v in events.items() if tag.startswith("clusters/")}
+    assert {tag: sorted(v) for tag, v in images.items()} == {
+        "clusters/video0": [STEPS],
+        "clusters/video1": [STEPS],
+    }
+    # The same pictures drawn the plain way: the first real videos of the first "eval" (full
+    # video) batches through the checkpoint's model.
     state = restore_state(workdir, STEPS)
-    info = pipeline.dataset_info(config.data)
+    info = fake_data.dataset_info(config.data)
     model = FullVideoModel(num_classes=info["num_classes"], **steps.model_kwargs(config))
-    batch = next(iter(pipeline.eval_iterator(config.data, batch_size=config.eval.batch_size)))
-    logits, seg = model.apply(
-        {"params": state["params"], "batch_stats": state["batch_stats"]},
-        batch["video"],
-        batch["mask"],
-        train=False,
-    )
     names = info["class_names"]
-    for i in range(2):
-        n = int(batch["mask"][i].sum())
-        title = (
-            f"eval video {i}: {n} frames, label {names[batch['label'][i]]}, predicted "
-            f"{names[int(np.argmax(logits[i]))]} (step {STEPS})"
+    drawn = 0
+    for batch in fake_data.EvalData(config).iterator("full"):
+        logits, seg = model.apply(
+            {"params": state["params"], "batch_stats": state["batch_stats"]},
+            batch["video"],
+            batch["mask"],
+            train=False,
         )
-        expected = visualize.render_timeline(
-            batch["video"][i, :n],
-            None,
-            np.asarray(seg[i, :n]),
-            num_clusters=config.model.num_clusters,
-            title=title,
-            width=1000,
-        )
-        got = images[(f"clusters/video{i}", STEPS)]
-        assert got.shape == expected.shape and got.shape[1] == 1000
-        np.testing.assert_array_equal(got, expected)
+        for i in np.flatnonzero(batch["batch_mask"]):
+            if drawn == 2:
+                break
+            n = int(batch["mask"][i].sum())
+            title = (
+                f"eval video {drawn}: {n} frames, label {names[batch['label'][i]]}, predicted "
+                f"{names[int(np.argmax(logits[i]))]} (step {STEPS})"
+            )
+            expected = visualize.render_timeline(
+                batch["video"][i, :n],
+                None,
+                np.asarray(seg[i, :n]),
+                num_clusters=config.model.num_clusters,
+                title=title,
+                width=1000,
+            )
+            got = images[f"clusters/video{drawn}"][STEPS]
+            assert got.shape == expected.shape and got.shape[1] == 1000
+            np.testing.assert_array_equal(got, expected)
+            drawn += 1
+    assert drawn == 2
 
 
-def test_no_timelines_when_disabled(data_dir, compile_cache, tmp_path):
+def test_no_timelines_when_disabled(compile_cache, tmp_path):
     del compile_cache
     config = tiny_config(
-        data_dir, **{"eval.num_timeline_videos": 0, "train.num_train_steps": 1, **CLUSTER_ONLY}
+        **{"eval.num_timeline_videos": 0, "train.num_train_steps": 1, **CLUSTER_ONLY}
     )
-    train.train_and_evaluate(config, str(tmp_path))
-    assert not _read_images(tmp_path)
+    train_run(config, tmp_path)
+    events = read_events(tmp_path)
+    assert "train/loss" in events
+    assert not [tag for tag in events if tag.startswith("clusters/")]
 
 
 # ----------------------------------------------------------------------------- predict
@@ -614,6 +822,7 @@ def test_eval_preprocess_matches_tf_pipeline():
     import tensorflow as tf
 
     from fva_jax import predict
+    from fva_jax.data import pipeline
 
     rng = np.random.default_rng(0)
     frames = (rng.uniform(0, 255, (5, 1, 1, 3)) + rng.normal(0, 40, (5, 48, 64, 3))).clip(0, 255)
@@ -678,7 +887,7 @@ def test_predict_prints_the_models_probabilities_and_segments(full_run, tmp_path
     from fva_jax import predict
     from fva_jax.data import video as video_lib
 
-    config, workdir, _ = full_run
+    config, workdir, _, _ = full_run
     paths = [_sparse_events_mp4(tmp_path / "a.mp4", 20), _sparse_events_mp4(tmp_path / "b.mp4", 9)]
     predict.main([f"--workdir={workdir}", *map(str, paths)])
     printed = _parse_predict_output(capsys.readouterr().out)
@@ -687,7 +896,7 @@ def test_predict_prints_the_models_probabilities_and_segments(full_run, tmp_path
     # The plain computation: decode, centre crop (resize_short 32 = the stored size, so the
     # crop is the centre 16 px), every frame unpadded, the checkpoint's model in eval mode.
     state = restore_state(workdir, STEPS)
-    info = pipeline.dataset_info(config.data)
+    info = fake_data.dataset_info(config.data)
     model = FullVideoModel(num_classes=info["num_classes"], **steps.model_kwargs(config))
     for path in paths:
         frames = video_lib.decode_video(path)[:, 8:24, 8:24]
@@ -722,7 +931,7 @@ def test_predict_prints_the_models_probabilities_and_segments(full_run, tmp_path
 def test_predict_errors_name_the_workdir_and_the_video(full_run, tmp_path):
     from fva_jax import predict
 
-    _, workdir, _ = full_run
+    _, workdir, _, _ = full_run
     with pytest.raises(SystemExit, match=f"{tmp_path}.*not a training workdir"):
         predict.main([f"--workdir={tmp_path}", "x.mp4"])
     # A workdir with its config but without checkpoints.
