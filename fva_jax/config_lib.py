@@ -17,6 +17,8 @@ Layout (all fields, see `default_config` for meanings):
   config.eval.*          evaluation batch size, cadence, uniform-sampling comparison
   config.distributed.*   multi-host initialisation (jax.distributed)
 
+Over 400 lines on purpose: every field's default, meaning and check live in this one module,
+so that one file answers what a field is and which values it takes.
 This module imports only ml_collections and the standard library, so configs load fast.
 The names a field may take are defined once, where they are implemented: backbones and
 cluster points in `fva_jax.models.resnet`, samplings and memory plans in
@@ -149,8 +151,8 @@ def default_config() -> ml_collections.ConfigDict:
     # full videos), whose step counts differ. A fraction trains the first part of the last one.
     c.train.num_epochs = 40.0
     c.train.num_train_steps = -1  # > 0: train exactly this many steps (epochs cut or added)
-    # The paper trains its first epochs with uniform sampling, then on full videos; DESIGN.md
-    # does not state how many, 0 disables. Needs model.sampling == "cluster".
+    # The paper trains its first epochs with uniform sampling, then on full videos; the paper
+    # does not say how many (docs/DESIGN.md §1), 0 disables. Needs model.sampling == "cluster".
     # A whole number of epochs (the mode changes at an epoch boundary).
     c.train.uniform_warmup_epochs = 0.0
     c.train.log_every_steps = 50
@@ -193,7 +195,7 @@ def default_config() -> ml_collections.ConfigDict:
     # With model.sampling "cluster": also evaluate the same network on K uniformly sampled
     # frames ("eval_uniform") to compare.
     c.eval.also_uniform = True
-    # TensorBoard pictures of the clusters (fva_jax.visualize.render_timeline) of the first
+    # TensorBoard pictures of the clusters (fva_jax.timeline.render_timeline) of the first
     # eval videos, at every evaluation; 0 disables.
     c.eval.num_timeline_videos = 2
 

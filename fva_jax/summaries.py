@@ -5,8 +5,8 @@
   imports it, and so does tensorboard's own writer when it is installed), each scalar line
   also logged; only process 0 writes files;
 * evaluation scalars, the config as hparams, and pictures of the clusters of a few
-  evaluation videos (drawn by fva_jax.visualize with matplotlib, imported only when one is
-  drawn; visualize does not import this module or the trainer).
+  evaluation videos (drawn by fva_jax.timeline with matplotlib, imported only when one is
+  drawn; timeline does not import this module or the trainer).
 """
 
 import io
@@ -168,11 +168,11 @@ def timeline_inputs(
 
 
 def write_timelines(writer, step: int, timelines, num_clusters: int, class_names) -> None:
-    """One TensorBoard image per video, "clusters/video<i>": fva_jax.visualize.render_timeline
+    """One TensorBoard image per video, "clusters/video<i>": fva_jax.timeline.render_timeline
     of its frames and segment ids (the model returns no distances, so no curve)."""
     if not timelines:
         return
-    from fva_jax import visualize  # pylint: disable=g-import-not-at-top  (matplotlib: lazy)
+    from fva_jax import timeline  # pylint: disable=g-import-not-at-top  (matplotlib: lazy)
 
     def name(k):
         return class_names[k] if k < len(class_names) else str(k)
@@ -183,7 +183,7 @@ def write_timelines(writer, step: int, timelines, num_clusters: int, class_names
             f"eval video {i}: {len(frames)} frames, label {name(label)}, predicted "
             f"{name(pred)} (step {step})"
         )
-        images[f"clusters/video{i}"] = visualize.render_timeline(
+        images[f"clusters/video{i}"] = timeline.render_timeline(
             frames, None, seg, num_clusters=num_clusters, title=title, width=1000
         )[None]
     writer.write_images(step, images)

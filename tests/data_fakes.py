@@ -24,7 +24,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
-from fva_jax.data import builders
+from fva_jax.data import builder_base, builders
 from fva_jax.data import sparse_events as se
 from fva_jax.data.video import encode_jpegs, encode_video
 
@@ -377,7 +377,7 @@ class GradientVideos(builders.SparseEvents):
 
     def _info(self):
         return self.dataset_info_from_configs(
-            features=builders.video_features(
+            features=builder_base.video_features(
                 tfds.features.ClassLabel(names=se.class_names(4)),
                 event_start=tfds.features.Scalar(np.int32),
             ),

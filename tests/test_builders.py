@@ -8,7 +8,7 @@ import pytest
 import tensorflow_datasets as tfds
 from etils import epath
 
-from fva_jax.data import builders
+from fva_jax.data import builder_base, builders, official_sets, records
 from fva_jax.data import sparse_events as se
 from fva_jax.data.video import VideoDecodeError
 
@@ -63,7 +63,7 @@ def test_builds_official_layout(tmp_path, name, config, class_names):
     assert again.info.features["label"].names == class_names
     assert str(again.version) == "2.0.0" and again.info.file_format.value == "array_record"
     # The frame index lists every record's frame count in data_source order.
-    index = builders.read_frame_index(again)
+    index = records.read_frame_index(again)
     for split, exp in expected.items():
         listed = {}
         for f in again.info.splits[split].file_instructions:
@@ -80,8 +80,8 @@ def test_breakfast_other_split_and_storage_resize(tmp_path):
     # The stereo ch1 near-duplicate is left out; P29 (s3's test range) is in test.
     assert list(_read(b, "test")) == ["P29/cam02/P29_milk.avi"]
     # A custom config bounds storage: shorter side 12 (24x32 -> 12x16), every 2nd frame.
-    cfg = builders.VideoConfig(name="s1_small", split_index=1, resize_short=12, frame_stride=2)
-    small = builders.Breakfast(config=cfg, data_dir=str(tmp_path / "tfds2"), num_workers=0)
+    cfg = builder_base.VideoConfig(name="s1_small", split_index=1, resize_short=12, frame_stride=2)
+    small = official_sets.Breakfast(config=cfg, data_dir=str(tmp_path / "tfds2"), num_workers=0)
     builders.prepare(small, str(tmp_path / "manual"))
     ex = _read(small, "test")["P03/cam01/P03_cereals.avi"]
     assert ex["video"].shape == (3, 12, 16, 3) and ex["num_frames"] == 3  # frames 0, 2, 4
@@ -141,7 +141,7 @@ def test_unknown_name_and_config():
 def test_ucf101_kept_out_of_global_registry():
     # TFDS ships its own (download-based) ucf101; ours must not clash with it.
     assert "sparse_events" in tfds.list_builders(with_community_datasets=False)
-    assert tfds.builder_cls("ucf101") is not builders.Ucf101
+    assert tfds.builder_cls("ucf101") is not official_sets.Ucf101
 
 
 # --------------------------------------------------------------------------- sparse_events
@@ -240,7 +240,7 @@ def test_build_command_line(tmp_path):
 
 def test_frame_index_follows_data_source_order(tmp_path):
     b = _build("sparse_events", "long_tiny", tmp_path, "")
-    index = builders.read_frame_index(b)
+    index = records.read_frame_index(b)
     source = b.as_data_source("train")
     (shard,) = b.info.splits["train"].file_instructions
     entry = index[shard.filename.split("/")[-1]]
@@ -253,7 +253,7 @@ def test_frame_index_follows_data_source_order(tmp_path):
     # Breakfast-like lengths scaled down: widely varying.
     assert entry["num_frames"].max() > 5 * entry["num_frames"].min()
     # A deleted index is rewritten by prepare (e.g. after `tfds build`).
-    path = tmp_path / "tfds" / "sparse_events" / "long_tiny" / "2.0.0" / builders.FRAME_INDEX
+    path = tmp_path / "tfds" / "sparse_events" / "long_tiny" / "2.0.0" / records.FRAME_INDEX
     path.unlink()
     builders.prepare(b)
     assert json.loads(path.read_text())["shards"][shard.filename.split("/")[-1]]["num_frames"] == (
@@ -308,16 +308,16 @@ def test_bad_video_is_named_at_build_time(tmp_path, monkeypatch, broken, reason)
     # The examples are damaged after the generator's own check (check_video, run on every
     # example the builders yield): the pass that writes the frame index still stops.
     b = _BadEvents(config="tiny", data_dir=str(tmp_path))
-    with pytest.raises(builders.BadVideoError, match="'test/000002' in .*" + reason):
+    with pytest.raises(records.BadVideoError, match="'test/000002' in .*" + reason):
         builders.prepare(b)
-    assert not (tmp_path / "__bad_events" / "tiny" / "2.0.0" / builders.FRAME_INDEX).exists()
+    assert not (tmp_path / "__bad_events" / "tiny" / "2.0.0" / records.FRAME_INDEX).exists()
 
 
 def test_check_video():
-    builders.check_video("a.avi", 3, 3)
-    with pytest.raises(builders.BadVideoError, match="'a.avi' in x has zero frames"):
-        builders.check_video("a.avi", 0, 0, "x")
+    records.check_video("a.avi", 3, 3)
+    with pytest.raises(records.BadVideoError, match="'a.avi' in x has zero frames"):
+        records.check_video("a.avi", 0, 0, "x")
     with pytest.raises(
-        builders.BadVideoError, match="'a.avi': stored num_frames is 4 but it holds 3"
+        records.BadVideoError, match="'a.avi': stored num_frames is 4 but it holds 3"
     ):
-        builders.check_video("a.avi", 4, 3)
+        records.check_video("a.avi", 4, 3)

@@ -1,5 +1,6 @@
-"""Input pipeline (fva_jax/data/pipeline.py): batches, plans across hosts, crops, sampled
-frames, determinism, resume, bad data, and reading without TensorFlow."""
+"""Input pipeline (fva_jax/data/pipeline.py, frames.py, records.py, streams.py): batches,
+plans across hosts, crops, sampled frames, determinism, resume, bad data, and reading without
+TensorFlow."""
 
 import collections
 import json
@@ -13,8 +14,9 @@ import numpy as np
 import pytest
 
 from fva_jax import config_lib
-from fva_jax.data import builders, pipeline
+from fva_jax.data import builders, frames, pipeline, records, streams
 from fva_jax.data import sparse_events as se
+from fva_jax.data import video as video_lib
 
 
 def _config(data_dir, builder_config="tiny", **overrides):
@@ -124,8 +126,8 @@ def test_stride_cap_and_centre_crop_match_numpy(gradient):
     video = data.plan("full").rows(0, 0)[0]
     import simplejpeg  # pylint: disable=g-import-not-at-top
 
-    with builders_source(gradient, "test") as records:
-        ex = builders.parse_record(records[int(video)])
+    with builders_source(gradient, "test") as source:
+        ex = records.parse_record(source[int(video)])
         ref = simplejpeg.decode_jpeg(ex["video"][1], colorspace="RGB")[12:36, 20:44]
     np.testing.assert_array_equal(batch["video"][0, 1], ref)
 
@@ -151,30 +153,30 @@ class builders_source:  # pylint: disable=invalid-name
 def test_centre_and_train_crop_geometry_unit():
     frame = data_fakes.gradient_frames(1)[0]
     out = np.zeros((24, 24, 3), np.uint8)
-    window = pipeline.centre_crop_window(48, 64, 24, 32)
+    window = frames.centre_crop_window(48, 64, 24, 32)
     assert window == (6, 14, 36, 36)
-    pipeline.crop_resize(frame, window, 24, False, out)
+    frames.crop_resize(frame, window, 24, False, out)
     seen = data_fakes.read_gradient(out[None])
     assert abs(seen["x"] - 31.5) < 0.5 and abs(seen["y"] - 23.5) < 0.5
     # TSN multi-scale: (scale_h, scale_w) with |i - j| <= 1, a random position, flips.
     scales = (1.0, 0.875, 0.75, 0.66)
-    pairs = pipeline.tsn_scale_pairs(scales)
+    pairs = frames.tsn_scale_pairs(scales)
     assert len(pairs) == 10 and (1.0, 0.75) not in pairs and (0.875, 0.75) in pairs
     allowed = {(round(a * 48), round(b * 48)) for a, b in pairs}
     rng = np.random.default_rng(0)
     sizes, flips = set(), 0
     for _ in range(200):
-        (y, x, ch, cw), flip = pipeline.train_crop_window(48, 64, scales, True, rng.random(4))
+        (y, x, ch, cw), flip = frames.train_crop_window(48, 64, scales, True, rng.random(4))
         assert (ch, cw) in allowed and 0 <= y <= 48 - ch and 0 <= x <= 64 - cw
         sizes.add((ch, cw))
         flips += flip
-        pipeline.crop_resize(frame, (y, x, ch, cw), 24, flip, out)
+        frames.crop_resize(frame, (y, x, ch, cw), 24, flip, out)
         seen = data_fakes.read_gradient(out[None])
         assert abs(seen["width"] - cw) < 1.5 and abs(seen["height"] - ch) < 1.5
         assert abs(seen["x"] - (x + (cw - 1) / 2)) < 0.7 and seen["flipped"] == flip
     assert sizes == allowed and 70 < flips < 130
     for _ in range(20):
-        assert not pipeline.train_crop_window(48, 64, scales, False, rng.random(4))[1]
+        assert not frames.train_crop_window(48, 64, scales, False, rng.random(4))[1]
 
 
 def test_train_crop_is_one_per_video_and_deterministic(gradient):
@@ -259,10 +261,10 @@ def test_host_selection_equals_model_selection():
         )
         for i, length in enumerate(lengths.tolist()):
             hosts = (
-                pipeline.uniform_indices(length, k, u[i]),
-                pipeline.uniform_indices(length, k),
-                pipeline.dense_indices(length, k, stride, u[i, :1]),
-                pipeline.dense_indices(length, k, stride),
+                frames.uniform_indices(length, k, u[i]),
+                frames.uniform_indices(length, k),
+                frames.dense_indices(length, k, stride, u[i, :1]),
+                frames.dense_indices(length, k, stride),
             )
             for host, model in zip(hosts, models):
                 np.testing.assert_array_equal(host, np.asarray(model)[i], err_msg=f"{length} {k}")
@@ -370,9 +372,9 @@ def test_steps_in_memory_are_bounded(tmp_path, workers, prefetch):
 
     calls = tmp_path / "calls"
     calls.mkdir()
-    it = pipeline._grain_iterator(data_fakes.CountingStep(calls), 0, 100, workers, prefetch)
+    it = streams.grain_iterator(data_fakes.CountingStep(calls), 0, 100, workers, prefetch)
     assert next(it)["x"][0] == 0
-    bound = pipeline.max_steps_in_memory(workers, prefetch)
+    bound = streams.max_steps_in_memory(workers, prefetch)
     deadline = time.time() + 60
     while len(os.listdir(calls)) < bound - 1 and time.time() < deadline:
         time.sleep(0.2)
@@ -380,7 +382,7 @@ def test_steps_in_memory_are_bounded(tmp_path, workers, prefetch):
     made = len(os.listdir(calls))
     assert bound - 1 <= made <= bound, (made, bound)
     assert [next(it)["x"][0] for _ in range(5)] == [1, 2, 3, 4, 5]  # in order
-    pipeline._close(it)
+    streams.close_iterator(it)
 
 
 # --------------------------------------------------------------------------- hosts
@@ -468,7 +470,7 @@ def test_corrupt_files_at_build_per_config_flag(tmp_path):
     cfg = _config(tmp_path / "a", "", data__name="something_something_v1")
     cfg.data.update(dict(manual_dir=str(manual), eval_split="validation", skip_corrupt=False))
     cfg.data.resize_short = cfg.data.crop_size = 16
-    with pytest.raises(builders.VideoDecodeError, match="4242.*00002.jpg"):
+    with pytest.raises(video_lib.VideoDecodeError, match="4242.*00002.jpg"):
         pipeline.dataset_info(cfg.data)
     cfg.data.skip_corrupt = True
     info = pipeline.dataset_info(cfg.data)
@@ -484,12 +486,12 @@ def _rewrite_record(shard, position, change):
     from tensorflow_datasets.proto import tf_example_pb2  # pylint: disable=g-import-not-at-top
 
     with array_record_data_source.ArrayRecordDataSource([str(shard)]) as source:
-        records = [source[i] for i in range(len(source))]
-    ex = tf_example_pb2.Example.FromString(records[position])
+        raw = [source[i] for i in range(len(source))]
+    ex = tf_example_pb2.Example.FromString(raw[position])
     change(ex.features.feature)
-    records[position] = ex.SerializeToString()
+    raw[position] = ex.SerializeToString()
     writer = array_record_module.ArrayRecordWriter(str(shard), "group_size:1")
-    for r in records:
+    for r in raw:
         writer.write(r)
     writer.close()
 
@@ -507,19 +509,19 @@ def test_files_changed_after_build_are_named_at_read_time(tmp_path, damage, mess
     builder = builders.get_builder("sparse_events", "tiny", str(tmp_path))
     builders.prepare(builder)
     (shard,) = builder.info.splits["test"].file_instructions
-    video_id = builders.read_frame_index(builder)[os.path.basename(shard.filename)]["video_id"][2]
+    video_id = records.read_frame_index(builder)[os.path.basename(shard.filename)]["video_id"][2]
 
     def change(feature):
-        frames, count = feature["video"].bytes_list.value, feature["num_frames"].int64_list.value
+        jpegs, count = feature["video"].bytes_list.value, feature["num_frames"].int64_list.value
         if damage == "count":  # consistent record, but not what the index says
-            del frames[-1]
+            del jpegs[-1]
             count[0] -= 1
         elif damage == "frames":
             count[0] += 1
         elif damage == "jpeg":
-            frames[1] = b"not a jpeg"
+            jpegs[1] = b"not a jpeg"
         else:
-            del frames[:]
+            del jpegs[:]
             count[0] = 0
 
     _rewrite_record(shard.filename, 2, change)

@@ -62,3 +62,20 @@ def test_references_point_into_the_repository():
             cited.append(section)
             assert section in sections, f"{path.relative_to(ROOT)} cites docs/DESIGN.md §{section}"
     assert cited  # the pattern matches the way the code cites it
+
+
+def test_docs_are_cited_with_their_folder():
+    """Code, configs, scripts and tests cite `docs/DESIGN.md` and `docs/DATASETS.md` with the
+    folder, so the reference leads to the file from anywhere in the repository."""
+    bare = re.compile(r"(?<!docs/)\b(?:DESIGN|DATASETS)\.md")
+    found = []
+    for folder in ("fva_jax", "configs", "benchmarks", "launch", "tests"):
+        for path in sorted((ROOT / folder).rglob("*")):
+            if path.suffix not in (".py", ".sh", ".md") or path == pathlib.Path(__file__).resolve():
+                continue
+            for n, line in enumerate(path.read_text().splitlines(), 1):
+                if bare.search(line):
+                    found.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
+    assert not found, "cite docs/DESIGN.md / docs/DATASETS.md, not the bare name:\n" + "\n".join(
+        found
+    )

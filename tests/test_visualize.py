@@ -1,4 +1,5 @@
-"""Tests for fva_jax.visualize: pixel values of the rendered timeline follow the segments."""
+"""Tests for fva_jax.timeline and fva_jax.visualize: pixel values of the rendered timeline
+follow the segments."""
 
 import json
 
@@ -9,7 +10,7 @@ import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
-from fva_jax import checkpoints, clustering, config_lib, steps
+from fva_jax import checkpoints, clustering, config_lib, steps, timeline
 from fva_jax import visualize as vis
 from fva_jax.data import video as video_lib
 from fva_jax.models import full_video, resnet
@@ -40,7 +41,7 @@ def _col(box, t, num_frames):
 
 def _check_band(image, layout, seg, num_clusters):
     """Rows near the top and bottom of the band (clear of the segment numbers) at every frame."""
-    want = vis.cluster_colors(seg, num_clusters)
+    want = timeline.cluster_colors(seg, num_clusters)
     _, top, _, h = layout.band
     for t in range(len(seg)):
         col = _col(layout.band, t, len(seg))
@@ -50,11 +51,11 @@ def _check_band(image, layout, seg, num_clusters):
 
 def test_timeline_pixels_follow_segments():
     frames, d, k = _solid_frames(SEG), _distances(SEG), 4
-    image = vis.render_timeline(frames, d, SEG, num_clusters=k, width=800, title="synthetic")
-    layout = vis.timeline_layout(len(SEG), frames.shape[1:3], width=800)
+    image = timeline.render_timeline(frames, d, SEG, num_clusters=k, width=800, title="synthetic")
+    layout = timeline.timeline_layout(len(SEG), frames.shape[1:3], width=800)
     assert image.dtype == np.uint8 and image.shape == (layout.height, layout.width, 3)
     _check_band(image, layout, SEG, k)
-    colors = vis.cluster_colors(SEG, k).astype(float)
+    colors = timeline.cluster_colors(SEG, k).astype(float)
 
     # Curve panel: boundary columns are black lines; segment centres show the segment's tint.
     left, top, width, h = layout.curve
@@ -73,7 +74,7 @@ def test_timeline_pixels_follow_segments():
     # Thumbnails: border in the cluster colour of the frame shown, inside the frame's pixels.
     left, top, width, h = layout.thumbs
     n = layout.num_thumbnails
-    shown = vis.thumbnail_frames(len(SEG), n)
+    shown = timeline.thumbnail_frames(len(SEG), n)
     assert n == (800 - 90) // 90 and np.all(np.diff(shown) > 0)  # one per ~90 px
     edges = np.round(np.linspace(0, width, n + 1)).astype(int)
     for i, t in enumerate(shown):
@@ -85,27 +86,27 @@ def test_timeline_pixels_follow_segments():
 def test_timeline_without_distances_and_with_padding():
     seg = np.concatenate([SEG[:20], [4] * 6])  # 6 padding frames (id == K)
     frames = _solid_frames(np.minimum(seg, 3))
-    image = vis.render_timeline(frames, None, seg, num_clusters=4, width=600)
-    layout = vis.timeline_layout(len(seg), frames.shape[1:3], width=600, with_curve=False)
+    image = timeline.render_timeline(frames, None, seg, num_clusters=4, width=600)
+    layout = timeline.timeline_layout(len(seg), frames.shape[1:3], width=600, with_curve=False)
     assert layout.curve is None and image.shape == (layout.height, 600, 3)
     _check_band(image, layout, seg, 4)
-    np.testing.assert_array_equal(vis.cluster_colors(seg, 4)[-6:], 255)
+    np.testing.assert_array_equal(timeline.cluster_colors(seg, 4)[-6:], 255)
 
 
 def test_palette_contrasts_neighbours():
     ids = np.arange(40)
-    colors = vis.cluster_colors(ids, 40).astype(int)
+    colors = timeline.cluster_colors(ids, 40).astype(int)
     assert np.all(np.abs(np.diff(colors, axis=0)).sum(-1) > 60)  # consecutive segments differ
 
 
 def test_render_errors():
     frames = _solid_frames(SEG)
     with pytest.raises(ValueError, match=r"segment_ids must have shape \(T,\) = \(30,\)"):
-        vis.render_timeline(frames, None, SEG[:-1])
+        timeline.render_timeline(frames, None, SEG[:-1])
     with pytest.raises(ValueError, match="distances must have shape"):
-        vis.render_timeline(frames, np.zeros(3), SEG)
+        timeline.render_timeline(frames, np.zeros(3), SEG)
     with pytest.raises(ValueError, match="frames must be uint8"):
-        vis.render_timeline(frames.astype(np.float32), None, SEG)
+        timeline.render_timeline(frames.astype(np.float32), None, SEG)
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +147,7 @@ def test_cli_finds_planted_cuts_and_draws_them(tmp_path, cut_video, capsys):
     np.testing.assert_array_equal(result["segment_ids"], want)
     assert capsys.readouterr().out.startswith(f"{path}: 36 of 36 frames, 3 segments")
     image = np.asarray(Image.open(out).convert("RGB"))
-    layout = vis.timeline_layout(len(want), (32, 48), width=700)
+    layout = timeline.timeline_layout(len(want), (32, 48), width=700)
     assert image.shape == (layout.height, 700, 3)
     _check_band(image, layout, want, 3)
 

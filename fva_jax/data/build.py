@@ -30,7 +30,7 @@ _WORKERS = flags.DEFINE_integer("num_workers", None, "Decoding processes (defaul
 
 def main(argv):
     del argv
-    from fva_jax.data import builders  # pylint: disable=g-import-not-at-top
+    from fva_jax.data import builders, records  # pylint: disable=g-import-not-at-top
     from fva_jax.data.video import VideoDecodeError  # pylint: disable=g-import-not-at-top
 
     b = builders.get_builder(
@@ -42,7 +42,7 @@ def main(argv):
     )
     try:
         builders.prepare(b, _MANUAL_DIR.value)
-    except (builders.MissingDataError, builders.BadVideoError, VideoDecodeError) as e:
+    except (builders.MissingDataError, records.BadVideoError, VideoDecodeError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     label = b.info.features["label"]

@@ -4,7 +4,7 @@
 uint8 and a frame mask ``(B, T)`` (valid frames first, then padding) and returns
 ``(logits (B, num_classes) float32, segment_ids (B, T) int32)``.
 
-sampling="cluster" (the method, DESIGN.md §1-§2): the stem's activations of every frame
+sampling="cluster" (the method, docs/DESIGN.md §1-§2): the stem's activations of every frame
 -> sign bits -> windowed Hamming distances -> ``clustering.segmenter(cluster_method)`` ->
 segment ids; the per-segment means of the activations (``clustering.aggregate``'s
 semantics: empty -> 0) go through the trunk, with the temporal shift along K; the logits are
@@ -26,7 +26,7 @@ without running anything. The data path's ``data.frames_per_device`` bounds the 
 device, so it bounds the plans' estimates too.
 
 The stem's BatchNorm always uses its running statistics in this mode (so the result cannot
-depend on the chunking; DESIGN.md §2, TSN's "partial BN"), which makes it an affine map: the
+depend on the chunking; docs/DESIGN.md §2, TSN's "partial BN"), which makes it an affine map: the
 clustered passes run the stem with its BatchNorms and the ImageNet normalisation folded
 into the convolutions (``resnet.fold_stem_batchnorm``, uint8 frames in). The trunk's
 BatchNorm trains normally. The videos are never padded or copied.

@@ -20,7 +20,7 @@ segment's cotangent. They differ only in what they keep for the backward pass:
 ``"recompute"``
     pass 1 keeps only the distances; pass 2 is a ``jax.lax.scan`` over chunks whose body
     is ``jax.checkpoint``-ed, so the backward recomputes each chunk: 5 stem-forward
-    equivalents per frame and memory flat in T (DESIGN.md §2).
+    equivalents per frame and memory flat in T (docs/DESIGN.md §2).
 
 In the chunked plans, a chunk whose frames are all padding (for every video of the batch;
 videos are padded to length buckets) is skipped with ``jax.lax.cond``: no stem, no
@@ -40,7 +40,9 @@ The estimate (`estimate`, bytes per device) comes from shapes, at trace time:
                 backward, which recomputes from the frames: pass 1 or the backward peaks)
     recompute = chunk + common
 Parameters, optimizer state and the input videos are not counted: the budget is for
-activations. "auto" takes the first of unchunked, keep_stem, recompute that fits.
+activations. "auto" takes the first of unchunked, keep_stem, recompute that fits. (The
+estimate stays in this module, which makes it a little over 400 lines, so that each plan's
+formula sits beside the pass it describes and changes with it.)
 Against XLA's ``memory_analysis()`` temporaries of a whole training step on CPU (float32,
 K=8, chunk 32, one video): ResNet-50 width 16 at 64 px, unchunked 1.03-1.07x of XLA's
 figure at T=32..128 (the per-frame slope within 2 %), recompute 1.35x, keep_stem up to
