@@ -44,7 +44,7 @@ def initialize_distributed(dist_config: ml_collections.ConfigDict) -> bool:
     ):
         return False
     if dist_config.cpu_collectives != "none":
-        # Only affects the CPU backend; needed for multi-process CPU runs (DESIGN.md §4).
+        # Only affects the CPU backend; needed for multi-process CPU runs (docs/DESIGN.md §4).
         jax.config.update("jax_cpu_collectives_implementation", dist_config.cpu_collectives)
     kwargs = {}
     if dist_config.coordinator_address:

@@ -29,7 +29,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-# Builders store frames with the shorter side reduced to at most this (builders.VideoConfig's
+# Builders store frames with the shorter side reduced to at most this (builder_base.VideoConfig's
 # default); decoding at the same size makes predictions see what evaluation saw.
 STORED_SHORT_SIDE = 256
 
