@@ -2,7 +2,7 @@
 
 For the first --videos test videos of sparse_events (generated in memory, no TFDS needed), with
 the stem of a trained run (`--workdir`, e.g. a configs/demo.py run) or, without it, the fixed
-random-weight features of fva_jax.clustering_demo: the frames go through the run's evaluation
+random-weight features of fva_jax.tools.clustering_demo: the frames go through the run's evaluation
 crop and the stem, their sign bits give Hamming distances, and each clustering method splits
 them into K segments. Prints, per method, the purity of the event's segment (the fraction of
 that segment's frames that show the event; 1.0 = the event has a segment of its own) and how
@@ -21,8 +21,9 @@ import json
 import jax.numpy as jnp
 import numpy as np
 
-from fva_jax import checkpoints, clustering, clustering_tools, predict, visualize
+from fva_jax import checkpoints, clustering, clustering_tools
 from fva_jax.data import sparse_events
+from fva_jax.tools import predict, visualize
 
 
 def event_purity(segment_ids: np.ndarray, start: int, length: int) -> float:

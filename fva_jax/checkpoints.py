@@ -106,7 +106,7 @@ def write_json(path: epath.Path, obj) -> None:
 
 
 def write_run_info(workdir, config: ml_collections.ConfigDict, info: dict[str, Any]) -> None:
-    """config.json and dataset_info.json: what fva_jax.predict needs to rebuild the model and
+    """config.json and dataset_info.json: what fva_jax.tools.predict needs to rebuild the model and
     name the classes."""
     workdir = epath.Path(workdir)
     write_json(workdir / CONFIG_FILE, config.to_dict())

@@ -157,7 +157,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.uniform_warmup_epochs = 0.0
     c.train.log_every_steps = 50
     # Backbone weights to start from (ImageNet): a torchvision state dict (.pth/.safetensors) or
-    # what `python -m fva_jax.import_weights` writes (a directory or its pretrained.npz); "" =
+    # what `python -m fva_jax.tools.import_weights` writes (a directory or its pretrained.npz); "" =
     # random initialisation. Applied once, before the first step; a resumed run keeps its
     # checkpoint. Needs model.backbone/width to match the weights (torchvision: width 64).
     c.train.init_from = ""

@@ -150,14 +150,14 @@ def init_state(run: Run) -> steps.TrainState:
 
 def load_pretrained(run: Run, state: steps.TrainState) -> steps.TrainState:
     """state with config.train.init_from's backbone copied into params and batch_stats
-    (fva_jax.import_weights; the classifier is kept when the class count differs). The
+    (fva_jax.models.resnet_weights; the classifier is kept when the class count differs). The
     optimizer state is rebuilt from the new params."""
-    from fva_jax import import_weights  # pylint: disable=g-import-not-at-top
+    from fva_jax.models import resnet_weights  # pylint: disable=g-import-not-at-top
 
     path = run.config.train.init_from
-    merged = import_weights.merge_pretrained(
+    merged = resnet_weights.merge_pretrained(
         {"params": state.params, "batch_stats": state.batch_stats},
-        import_weights.load_pretrained(path),
+        resnet_weights.load_pretrained(path),
         log_fn=logging.info,
     )
     logging.info("Initialised the backbone from %s", path)

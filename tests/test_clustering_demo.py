@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from fva_jax import clustering_demo
 from fva_jax.data import video as video_lib
+from fva_jax.tools import clustering_demo
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LINE = re.compile(r"segment +(\d+): first frame +(\d+) +last frame +(\d+) +size +(\d+)")
@@ -38,7 +38,7 @@ def test_demo_on_shipped_mp4_from_the_command_line():
         [
             sys.executable,
             "-m",
-            "fva_jax.clustering_demo",
+            "fva_jax.tools.clustering_demo",
             "--num-clusters",
             "8",
             "--max-frames",

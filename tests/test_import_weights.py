@@ -1,6 +1,6 @@
 """Tests for importing torchvision weights: the safe reader (fva_jax.weights_io), the
 torchvision <-> flax mapping and merging (fva_jax.models.resnet_weights), the CLI
-(fva_jax.import_weights).
+(fva_jax.tools.import_weights).
 
 None of the default tests needs torch. The mapping tests build torchvision-style state dicts
 from fva_jax's own ResNet with a plain inverse mapping written out here; the comparison with
@@ -30,9 +30,10 @@ import safetensors.numpy
 import torch_references as refs
 from flax import traverse_util
 
-from fva_jax import import_weights, weights_io
+from fva_jax import weights_io
 from fva_jax.models import full_video, resnet
 from fva_jax.models import resnet_weights as rw
+from fva_jax.tools import import_weights
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -321,9 +322,10 @@ def test_corrupt_safetensors_is_named(tmp_path):
         weights_io.read_state_dict(path)
 
 
-def test_cli_module_keeps_the_names_the_trainer_uses(tmp_path, r18):
-    """fva_jax.train calls import_weights.load_pretrained / merge_pretrained (config.train.
-    init_from); they are resnet_weights' functions, and load() is the two in one."""
+def test_cli_module_reexports_the_loaders(tmp_path, r18):
+    """The trainer (fva_jax.experiment, config.train.init_from) calls resnet_weights'
+    load_pretrained / merge_pretrained; the CLI module re-exports the same functions for
+    scripts, and load() is the two in one."""
     for name in ("load_pretrained", "merge_pretrained", "save_pretrained", "WeightsError"):
         assert getattr(import_weights, name) is getattr(rw, name, getattr(weights_io, name, None))
     model, variables, sd = r18

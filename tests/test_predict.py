@@ -1,5 +1,5 @@
-"""Tests for fva_jax.predict and fva_jax.user_video: every frame of the user's video, whatever
-cap or stride the run trained with, and a printed count of the frames used.
+"""Tests for fva_jax.tools.predict and fva_jax.tools.user_video: every frame of the user's
+video, whatever cap or stride the run trained with, and a printed count of the frames used.
 
 The run directory is written directly (config.json, dataset_info.json, an orbax checkpoint of
 a tiny model with random variables), without training.
@@ -15,9 +15,10 @@ import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
-from fva_jax import checkpoints, config_lib, predict, steps, user_video
+from fva_jax import checkpoints, config_lib, steps
 from fva_jax.data import video as video_lib
 from fva_jax.models import full_video
+from fva_jax.tools import predict, user_video
 
 NUM_FRAMES = 37  # longer than the run's cap (16) and not a multiple of its chunk size (8)
 CLASS_NAMES = ["walk", "jump", "wave"]

@@ -665,11 +665,11 @@ def test_multi_host_detection(monkeypatch, env, multi_host):
 
 def _write_random_pretrained(config, out_dir, seed: int) -> dict:
     """A ResNet-18 of the config's width, randomly initialised (another seed), written in
-    fva_jax.import_weights' format (no stem/trunk level, random BatchNorm statistics).
+    fva_jax.tools.import_weights' format (no stem/trunk level, random BatchNorm statistics).
     Returns the flat {"params/conv1/kernel": array, ...} it wrote."""
     from flax import traverse_util
 
-    from fva_jax import import_weights
+    from fva_jax.tools import import_weights
 
     model = FullVideoModel(num_classes=4, **steps.model_kwargs(config))
     frames = config.model.chunk_size
@@ -753,7 +753,7 @@ def test_init_from_errors_name_the_problem(tmp_path):
 
 
 def test_cluster_timelines_written_to_tensorboard(full_run):
-    from fva_jax import visualize
+    from fva_jax.tools import visualize
 
     config, workdir, _, _ = full_run
     events = read_events(workdir)
@@ -821,8 +821,8 @@ def test_eval_preprocess_matches_tf_pipeline():
     tested here."""
     import tensorflow as tf
 
-    from fva_jax import predict
     from fva_jax.data import pipeline
+    from fva_jax.tools import predict
 
     rng = np.random.default_rng(0)
     frames = (rng.uniform(0, 255, (5, 1, 1, 3)) + rng.normal(0, 40, (5, 48, 64, 3))).clip(0, 255)
@@ -884,8 +884,8 @@ def _parse_predict_output(text: str):
 
 
 def test_predict_prints_the_models_probabilities_and_segments(full_run, tmp_path, capsys):
-    from fva_jax import predict
     from fva_jax.data import video as video_lib
+    from fva_jax.tools import predict
 
     config, workdir, _, _ = full_run
     paths = [_sparse_events_mp4(tmp_path / "a.mp4", 20), _sparse_events_mp4(tmp_path / "b.mp4", 9)]
@@ -929,7 +929,7 @@ def test_predict_prints_the_models_probabilities_and_segments(full_run, tmp_path
 
 
 def test_predict_errors_name_the_workdir_and_the_video(full_run, tmp_path):
-    from fva_jax import predict
+    from fva_jax.tools import predict
 
     _, workdir, _, _ = full_run
     with pytest.raises(SystemExit, match=f"{tmp_path}.*not a training workdir"):

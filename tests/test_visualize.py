@@ -1,4 +1,4 @@
-"""Tests for fva_jax.timeline and fva_jax.visualize: pixel values of the rendered timeline
+"""Tests for fva_jax.timeline and fva_jax.tools.visualize: pixel values of the rendered timeline
 follow the segments."""
 
 import json
@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 
 from fva_jax import checkpoints, clustering, config_lib, steps, timeline
-from fva_jax import visualize as vis
 from fva_jax.data import video as video_lib
 from fva_jax.models import full_video, resnet
+from fva_jax.tools import visualize as vis
 
 SEG = np.array([0] * 7 + [1] * 5 + [2] * 10 + [3] * 8)
 SCENE_GRAY = (30, 90, 150, 210)

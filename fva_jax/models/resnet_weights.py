@@ -7,7 +7,7 @@ The name table is in ``resnet.py``'s docstring; this module applies it (and deri
 torchvision key list from ``resnet.py`` itself, so the two cannot drift). ``num_batches_tracked``
 is dropped; conv kernels OIHW -> HWIO; the fc matrix is transposed.
 
-``pretrained.npz`` (written by ``python -m fva_jax.import_weights``) holds the backbone's
+``pretrained.npz`` (written by ``python -m fva_jax.tools.import_weights``) holds the backbone's
 ``params`` and ``batch_stats`` under fva_jax's names without the ``stem``/``trunk`` level
 (which stages are in the stem depends on the cluster point), keys like
 ``params/layer1_0/conv1/kernel``, plus ``__meta__`` (JSON: arch, source file). It is read with
@@ -182,7 +182,7 @@ def load_pretrained(path: str | pathlib.Path, arch: str | None = None) -> dict[s
     """Backbone weights -> {"params": {...}, "batch_stats": {...}} of numpy float32 arrays.
 
     Args:
-      path: a directory written by ``python -m fva_jax.import_weights`` (holds
+      path: a directory written by ``python -m fva_jax.tools.import_weights`` (holds
         ``pretrained.npz``), that ``.npz`` itself, or a torchvision state dict
         (``.pth``/``.pt``/``.bin``, ``.safetensors``, or ``.npz`` with torch key names)
         converted on the fly.
@@ -196,7 +196,7 @@ def load_pretrained(path: str | pathlib.Path, arch: str | None = None) -> dict[s
             raise WeightsError(
                 path,
                 f"directory without {PRETRAINED_FILENAME}; create it with "
-                f"python -m fva_jax.import_weights WEIGHTS.pth --out {path}",
+                f"python -m fva_jax.tools.import_weights WEIGHTS.pth --out {path}",
             )
         path = path / PRETRAINED_FILENAME
     if path.suffix.lower() == ".npz" and path.is_file():

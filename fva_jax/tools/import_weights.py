@@ -1,6 +1,7 @@
 """Import torchvision ResNet-18/50 ImageNet weights, safely, without torch.
 
-    python -m fva_jax.import_weights resnet50-11ad3fa6.pth --out DIR [--arch resnet50|resnet18]
+    python -m fva_jax.tools.import_weights resnet50-11ad3fa6.pth --out DIR \
+        [--arch resnet50|resnet18]
 
 writes ``DIR/pretrained.npz``: the backbone's ``params`` and ``batch_stats`` under fva_jax's
 names, independent of the cluster point. Start training from it with
@@ -59,7 +60,7 @@ __all__ = [
 
 def main(argv: Sequence[str] | None = None) -> pathlib.Path:
     parser = argparse.ArgumentParser(
-        prog="python -m fva_jax.import_weights",
+        prog="python -m fva_jax.tools.import_weights",
         description="Convert a torchvision ResNet-18/50 state dict (.pth, .safetensors, .npz) into "
         f"fva_jax parameters: writes OUT/{PRETRAINED_FILENAME}. Never executes code "
         "from the file (restricted unpickler; torch is not needed).",

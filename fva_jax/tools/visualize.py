@@ -1,6 +1,6 @@
 """Picture of a video's clustering: thumbnails, Hamming distance curve, segments by colour.
 
-    python -m fva_jax.visualize VIDEO --out clusters.png [--num-clusters 8]
+    python -m fva_jax.tools.visualize VIDEO --out clusters.png [--num-clusters 8]
         [--method cumulative|slope] [--window 1] [--max-frames N] [--stride 1] [--resize 112]
         [--workdir DIR [--step N]]
 
@@ -14,7 +14,7 @@ Every frame of the video is used unless ``--stride`` / ``--max-frames`` say othe
 many frames were used out of how many the video has, and which flag dropped the rest.
 
 Features: without ``--workdir``, the fixed random-weight conv features of
-``fva_jax.clustering_demo`` (no training needed); with ``--workdir``, the stem (conv1 ...
+``fva_jax.tools.clustering_demo`` (no training needed); with ``--workdir``, the stem (conv1 ...
 cluster point, running BatchNorm statistics) of the latest checkpoint of a run trained by
 ``fva_jax.main``: exactly the activations the model clusters. Backbone, width, cluster
 point and compute dtype come from the run's ``config.json``.
@@ -32,15 +32,15 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from fva_jax import user_video
 from fva_jax.timeline import render_timeline, save_png
+from fva_jax.tools import user_video
 
 # ----------------------------------------------------------------------------- features
 
 
 def random_feature_fn(seed: int = 0) -> Callable:
-    """The fixed random-weight conv features of ``fva_jax.clustering_demo``."""
-    from fva_jax import clustering_demo
+    """The fixed random-weight conv features of ``fva_jax.tools.clustering_demo``."""
+    from fva_jax.tools import clustering_demo
 
     return lambda chunk: clustering_demo.random_features(chunk, seed=seed)
 
@@ -118,10 +118,10 @@ def load_checkpoint_stem(
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    from fva_jax import clustering_demo
+    from fva_jax.tools import clustering_demo
 
     parser = argparse.ArgumentParser(
-        prog="python -m fva_jax.visualize",
+        prog="python -m fva_jax.tools.visualize",
         description=__doc__.split("\n\n")[2],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -1,6 +1,6 @@
 r"""Classify video files with a trained run: top-5 classes and the segments the model used.
 
-  python -m fva_jax.predict --workdir=/tmp/fva_demo video1.mp4 video2.avi frames_folder/
+  python -m fva_jax.tools.predict --workdir=/tmp/fva_demo video1.mp4 video2.avi frames_folder/
 
 Loads the latest checkpoint of WORKDIR (or --step), the config and class names the trainer
 saved there (config.json, dataset_info.json), decodes each video with the run's evaluation
@@ -92,11 +92,11 @@ def _resize_fn(size: int):
 
 
 def load_video(path, data_config, *, stride: int = 1, max_frames: int | None = None):
-    """UserVideo (fva_jax.user_video) whose frames are the uint8 (used, crop, crop, 3)
+    """UserVideo (fva_jax.tools.user_video) whose frames are the uint8 (used, crop, crop, 3)
     evaluation frames of a video file or frame folder: every frame unless `stride` /
     `max_frames` (the user's flags, not the run's config) say otherwise. Raises
     fva_jax.data.video.VideoDecodeError naming the file."""
-    from fva_jax import user_video  # pylint: disable=g-import-not-at-top
+    from fva_jax.tools import user_video
 
     video = user_video.read(
         path,
@@ -208,7 +208,7 @@ def training_frames_note(data_config) -> str:
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(
-        prog="python -m fva_jax.predict",
+        prog="python -m fva_jax.tools.predict",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

