@@ -216,18 +216,25 @@ def test_padded_length_is_the_next_multiple_of_the_chunk():
     assert [predict.padded_length(n, 8) for n in (1, 7, 8, 9, 37, 40)] == [8, 8, 8, 16, 40, 40]
 
 
-def test_eval_preprocess_in_chunks_equals_one_resize_of_all_frames():
-    """More frames than one resize chunk, a crop that needs resizing (20 -> 16 px)."""
+def test_eval_preprocess_is_the_pipelines_centre_crop():
+    """Non-square frames: the centre square of side round(30 * 16 / 24) = 20, shrunk to 16 px
+    with OpenCV's area averaging as the pipeline's evaluation (enlarged bilinearly when the
+    square is smaller than the crop)."""
+    import cv2
+
     rng = np.random.default_rng(3)
-    frames = rng.integers(0, 256, (predict.CROP_CHUNK + 7, 30, 40, 3), dtype=np.uint8)
+    frames = rng.integers(0, 256, (9, 30, 40, 3), dtype=np.uint8)
     cfg = config_lib.default_config().data
-    cfg.update(resize_short=24, crop_size=16)
-    got = predict.eval_preprocess(frames, cfg)
-    crop = frames[:, 5:25, 10:30]  # side round(30 * 16 / 24) = 20, centred
-    want = jax.image.resize(
-        jnp.asarray(crop, jnp.float32), (len(frames), 16, 16, 3), "linear", antialias=True
-    )
-    want = np.asarray(jnp.clip(jnp.round(want), 0, 255)).astype(np.uint8)
-    assert got.shape == want.shape
-    diff = np.abs(got.astype(int) - want.astype(int))
-    assert diff.max() <= 1 and (diff == 0).mean() > 0.99
+    for resize_short, crop_size, (y, x, side), interpolation in (
+        (24, 16, (5, 10, 20), cv2.INTER_AREA),
+        (60, 24, (9, 14, 12), cv2.INTER_LINEAR),
+        (30, 30, (0, 5, 30), None),
+    ):
+        cfg.update(resize_short=resize_short, crop_size=crop_size)
+        got = predict.eval_preprocess(frames, cfg)
+        crops = frames[:, y : y + side, x : x + side]
+        if interpolation is not None:
+            crops = [
+                cv2.resize(c, (crop_size, crop_size), interpolation=interpolation) for c in crops
+            ]
+        np.testing.assert_array_equal(got, np.stack(crops), err_msg=str((resize_short, crop_size)))

@@ -1,14 +1,18 @@
-"""End-to-end tests of the trainer on the real model and a fake data module with the agreed
-data API (tests/fake_data.py: 12 train / 6 test videos of 9-40 frames in two length buckets,
-16 px, 4 classes).
+"""End-to-end tests of the trainer on the real model and the real data pipeline
+(fva_jax.data.pipeline) over the generated sparse_events sets, built once for this module:
+"tiny" (12 train / 6 test videos of 14-24 frames, 32 px, 4 classes) for most runs and
+"long_tiny" (16 / 8 videos of 13-246 frames) where widely varying lengths matter.
 
 The demo config is shrunk (ResNet-18 of width 8, K=4, chunks of 8 frames, 32 frames per
-device): one sampled-frame warm-up epoch (3 steps of 4 videos) then one full-video epoch
-(8 steps: 4 of 2 videos of <= 16 frames, 4 of one video of <= 40 frames). A persistent
-compilation cache shared by the runs of this module keeps repeated runs of the same
-programs (resume, eval-only, other processes) cheap.
+device, at most 2 length buckets, the centre 16 px of the stored 32 px frames at test):
+one sampled-frame warm-up epoch (3 steps of 4 videos) then one full-video epoch (10 steps:
+2 of 2 videos in the 16-frame bucket, 8 of one video in the 24-frame bucket). The runs read
+through tests/recorded_pipeline.py (the pipeline itself, recording which videos each step
+held). A persistent compilation cache shared by the runs of this module keeps repeated runs
+of the same programs (resume, eval-only, other processes) cheap.
 """
 
+import collections
 import functools
 import io
 import json
@@ -16,11 +20,11 @@ import math
 import os
 import pathlib
 import re
+import shutil
 import socket
 import subprocess
 import sys
 
-import fake_data
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -28,6 +32,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
+import recorded_pipeline
 from jax.experimental.compilation_cache import compilation_cache
 
 from fva_jax import (
@@ -40,20 +45,24 @@ from fva_jax import (
     steps,
     train,
 )
+from fva_jax.data import builders, pipeline
 from fva_jax.models.full_video import FullVideoModel
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SAMPLED_STEPS, FULL_STEPS = 3, 8
+SAMPLED_STEPS, FULL_STEPS = 3, 10
 STEPS = SAMPLED_STEPS + FULL_STEPS
+NUM_TRAIN, NUM_TEST = 12, 6  # sparse_events "tiny"
 
-# Overrides of configs/demo.py for tests, as `--config.<field>=<value>` flags or in-process.
+# Overrides of configs/demo.py for tests, as `--config.<field>=<value>` flags or in-process
+# (data.data_dir is added: the module's data sets).
 TINY = {
     "fast_compile": True,  # XLA optimisation level 0: ~3x faster compiles of the tiny steps
     "data.builder_config": "tiny",
-    "data.max_frames": 40,  # >= the longest fake video: no frame dropped (predict pads to it)
-    "data.resize_short": 32,
+    "data.resize_short": 32,  # = the stored frames' size: the test crop is their centre 16 px
     "data.crop_size": 16,
     "data.frames_per_device": 32,
+    "data.max_buckets": 2,
+    "data.num_workers": 0,  # steps read in this process (one test reads with a Grain worker)
     "model.width": 8,
     "model.num_clusters": 4,
     "model.chunk_size": 8,
@@ -63,6 +72,7 @@ TINY = {
     "train.log_every_steps": 1,
     "schedule.warmup_epochs": 0.0,
     "checkpoint.every_steps": 4,
+    "checkpoint.keep": 4,  # every checkpoint of the run (the resume tests restart from step 4)
     "eval.batch_size": 4,
     "eval.also_uniform": True,
     "eval.num_timeline_videos": 2,
@@ -72,9 +82,13 @@ TINY = {
 CLUSTER_ONLY = {"train.uniform_warmup_epochs": 0, "eval.also_uniform": False}
 
 
-def tiny_config(**extra) -> ml_collections.ConfigDict:
+def _overrides(data_dir, extra) -> dict:
+    return {**TINY, "data.data_dir": str(data_dir or ""), **extra}
+
+
+def tiny_config(data_dir=None, **extra) -> ml_collections.ConfigDict:
     config = config_lib.load_config_file(REPO / "configs" / "demo.py")
-    for field, value in {**TINY, **extra}.items():
+    for field, value in _overrides(data_dir, extra).items():
         *groups, name = field.split(".")
         node = config
         for group in groups:
@@ -83,12 +97,22 @@ def tiny_config(**extra) -> ml_collections.ConfigDict:
     return config
 
 
-def flags_for(**extra) -> list[str]:
-    return [f"--config.{k}={v}" for k, v in {**TINY, **extra}.items()]
+def flags_for(data_dir, **extra) -> list[str]:
+    return [f"--config.{k}={v}" for k, v in _overrides(data_dir, extra).items()]
 
 
 def train_run(config, workdir, **kwargs) -> dict:
-    return train.train_and_evaluate(config, str(workdir), data=fake_data, **kwargs)
+    return train.train_and_evaluate(config, str(workdir), data=recorded_pipeline, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """sparse_events "tiny" and "long_tiny", built in this test session (building may import
+    TensorFlow; training must not)."""
+    path = tmp_path_factory.mktemp("tfds")
+    for name in ("tiny", "long_tiny"):
+        builders.prepare(builders.get_builder("sparse_events", name, str(path)))
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -114,15 +138,15 @@ def compile_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def full_run(compile_cache, tmp_path_factory):
-    """An uninterrupted run of the tiny config: (config, workdir, returned metrics, the fake
-    data's step log of the run)."""
+def full_run(data_dir, compile_cache, tmp_path_factory):
+    """An uninterrupted run of the tiny config: (config, workdir, returned metrics, the
+    recorded data steps of the run)."""
     del compile_cache
     workdir = tmp_path_factory.mktemp("full_run")
-    config = tiny_config()
-    fake_data.STEP_LOG.clear()
+    config = tiny_config(data_dir)
+    recorded_pipeline.STEP_LOG.clear()
     final = train_run(config, workdir)
-    return config, workdir, final, list(fake_data.STEP_LOG)
+    return config, workdir, final, list(recorded_pipeline.STEP_LOG)
 
 
 def restore_state(workdir, step: int) -> dict:
@@ -136,31 +160,53 @@ def checkpoint_steps(workdir) -> list[int]:
     return sorted(int(p.name) for p in (pathlib.Path(workdir) / "checkpoints").iterdir())
 
 
-def reference_eval(config, variables, mode: str) -> dict:
-    """Eval metrics computed the plain way: one test video at a time (whole, padded to its
-    chunk multiple, with the clustered model; or its K centre-sampled frames with the
-    uniform model), NumPy reductions."""
-    info = fake_data.dataset_info(config.data)
-    sampling = "uniform" if mode == "sampled" else config.model.sampling
-    model = FullVideoModel(
-        num_classes=info["num_classes"], **steps.model_kwargs(config, sampling=sampling)
+def split_videos(config, split: str) -> list[dict]:
+    """Every video of a split as TFDS's own data source reads it (frames decoded by TFDS,
+    not by the pipeline), in the data source's order (the pipeline's video indices):
+    [dict(frames uint8 (T, 32, 32, 3), label)]."""
+    builder = builders.get_builder(
+        "sparse_events", config.data.builder_config, config.data.data_dir
     )
-    apply = jax.jit(
+    return [
+        {"frames": np.stack(ex["video"]), "label": int(ex["label"])}
+        for ex in builder.as_data_source(split)
+    ]
+
+
+def plain_apply(config, sampling: str | None = None):
+    """(variables, video, mask) -> (logits, segment ids) of the config's model in eval mode
+    (with `sampling` instead of the config's), jitted at XLA optimisation level 0 (the module's
+    compilation cache makes repeated shapes cheap; op by op, a call takes tens of seconds)."""
+    model = FullVideoModel(
+        num_classes=pipeline.dataset_info(config.data)["num_classes"],
+        **steps.model_kwargs(config, sampling=sampling or config.model.sampling),
+    )
+    return jax.jit(
         functools.partial(model.apply, train=False),
         compiler_options={"xla_backend_optimization_level": 0},
     )
+
+
+def reference_eval(config, variables, mode: str) -> dict:
+    """Eval metrics computed the plain way: one test video at a time, read by TFDS, its centre
+    16 px (data.resize_short = the stored 32 px: no resize), whole (padded to its own chunk
+    multiple) with the clustered model, or its K TSN-centre frames with the uniform model;
+    NumPy reductions."""
+    assert (config.data.resize_short, config.data.crop_size) == (32, 16)
+    info = pipeline.dataset_info(config.data)
+    apply = plain_apply(config, "uniform" if mode == "sampled" else config.model.sampling)
     logits, labels = [], []
-    chunk = config.model.chunk_size
-    for index in range(info["num_examples"]["test"]):
-        frames = fake_data.video(config, "test", index)
-        if mode == "sampled":
-            frames = frames[fake_data.sampled_indices(config, len(frames), None)]
+    chunk, k = config.model.chunk_size, config.model.num_clusters
+    for video in split_videos(config, config.data.eval_split):
+        frames = video["frames"][:, 8:24, 8:24]
+        if mode == "sampled":  # the centre frame of each of K equal segments
+            frames = frames[(2 * np.arange(k) + 1) * len(frames) // (2 * k)]
         padded = -(-len(frames) // chunk) * chunk if mode == "full" else len(frames)
-        video = np.zeros((1, padded) + frames.shape[1:], np.uint8)
-        video[0, : len(frames)] = frames
-        out, _ = apply(variables, video, np.arange(padded)[None] < len(frames))
+        batch = np.zeros((1, padded) + frames.shape[1:], np.uint8)
+        batch[0, : len(frames)] = frames
+        out, _ = apply(variables, batch, np.arange(padded)[None] < len(frames))
         logits.append(np.asarray(out[0], np.float64))
-        labels.append(fake_data.label_of("test", index))
+        labels.append(video["label"])
     logits, y = np.stack(logits), np.array(labels)
     top = logits.max(1, keepdims=True)
     logp = logits - top - np.log(np.exp(logits - top).sum(1, keepdims=True))
@@ -174,6 +220,20 @@ def reference_eval(config, variables, mode: str) -> dict:
         "mean_class_accuracy": np.mean(per_class),
         "num_examples": len(y),
     }
+
+
+def check_recorded_steps(records, data, num_frames=None) -> None:
+    """Each recorded row holds its video's label and frames (its whole length, or
+    num_frames), empty slots none; `data` is the split's pipeline.TrainData / EvalData."""
+    for record in records:
+        _, mode, _, _, shape, videos, frames, labels = record
+        assert len(videos) == len(frames) == len(labels) == shape[0], record
+        for v, n, y in zip(videos, frames, labels):
+            if v < 0:
+                assert n == 0, record
+                continue
+            want = num_frames if mode == "sampled" else int(data.lengths[v])
+            assert (n, y) == (want, int(data.labels[v])), (record, v)
 
 
 def read_events(workdir) -> dict[str, dict[int, object]]:
@@ -213,11 +273,12 @@ def test_run_trains_evaluates_and_writes_results(full_run):
     lr = config.schedule.base_lr * 0.5 * (1 + math.cos(math.pi * (STEPS - 1) / STEPS))
     assert final["train"]["learning_rate"] == pytest.approx(lr, rel=1e-5)
     assert math.isfinite(final["train"]["loss"]) and final["train"]["grad_norm"] > 0
+    class_names = pipeline.dataset_info(config.data)["class_names"]
     for mode in ("eval", "eval_uniform"):
-        assert final[mode]["num_examples"] == 6  # every test video exactly once, padding ignored
-        assert set(final[mode]["per_class_accuracy"]) == set(fake_data.CLASS_NAMES)
+        assert final[mode]["num_examples"] == NUM_TEST  # every test video once, padding ignored
+        assert set(final[mode]["per_class_accuracy"]) == set(class_names)
     # Checkpoints every 4 steps and at the end; TensorBoard events from process 0.
-    assert checkpoint_steps(workdir) == [4, 8, STEPS]
+    assert checkpoint_steps(workdir) == [4, 8, 12, STEPS]
     events = read_events(workdir)
     assert sorted(events["train/loss"]) == list(range(1, STEPS + 1))
     assert events["train/learning_rate"][STEPS] == pytest.approx(lr, rel=1e-5)
@@ -233,22 +294,34 @@ def test_run_trains_evaluates_and_writes_results(full_run):
 
 def test_epochs_read_every_video_once_in_their_mode(full_run):
     """Epoch 0 sampled (K frames, 4 videos per step), epoch 1 full videos in their length
-    buckets; every training video once per epoch; evaluation reads every test video once per
-    mode."""
-    _, _, _, log = full_run
+    buckets (the pipeline's plan); every training video once per epoch, each row holding its
+    video's label and frames; evaluation reads every test video once per mode."""
+    config, _, _, log = full_run
+    layout = dict(process_index=0, process_count=1, local_device_count=1)
+    train_data = pipeline.TrainData(config, **layout)
+    eval_data = pipeline.EvalData(config, **layout)
     train_log = [r for r in log if r[0] == "train"]
-    assert [(r[1], r[2], r[3]) for r in train_log] == [
+    assert [r[1:4] for r in train_log] == [
         *(("sampled", 0, i) for i in range(SAMPLED_STEPS)),
         *(("full", 1, i) for i in range(FULL_STEPS)),
     ]
-    for epoch in (0, 1):
+    for epoch, mode in ((0, "sampled"), (1, "full")):
         seen = [v for r in train_log if r[2] == epoch for v in r[5] if v >= 0]
-        assert sorted(seen) == list(range(12)), epoch
-    assert {tuple(r[4][:2]) for r in train_log if r[1] == "sampled"} == {(4, 4)}
-    assert {tuple(r[4][:2]) for r in train_log if r[1] == "full"} == {(2, 16), (1, 40)}
+        assert sorted(seen) == list(range(NUM_TRAIN)), epoch
+        shapes = [r[4][:2] for r in train_log if r[2] == epoch]
+        assert shapes == train_data.plan(mode, epoch).shapes(), epoch
+    assert collections.Counter(r[4][:2] for r in train_log if r[1] == "sampled") == {(4, 4): 3}
+    # The 4 videos of <= 16 frames two at a time, the 8 of 17-24 frames one at a time.
+    assert collections.Counter(r[4][:2] for r in train_log if r[1] == "full") == {
+        (2, 16): 2,
+        (1, 24): 8,
+    }
+    check_recorded_steps(train_log, train_data, num_frames=config.model.num_clusters)
     for mode in ("full", "sampled"):
-        seen = [v for r in log if r[0] == "test" and r[1] == mode for v in r[5] if v >= 0]
-        assert sorted(seen) == list(range(6)), mode
+        eval_log = [r for r in log if r[0] == "test" and r[1] == mode]
+        seen = [v for r in eval_log for v in r[5] if v >= 0]
+        assert sorted(seen) == list(range(NUM_TEST)), mode
+        check_recorded_steps(eval_log, eval_data, num_frames=config.model.num_clusters)
 
 
 def test_eval_metrics_match_plain_computation(full_run):
@@ -264,7 +337,7 @@ def test_eval_metrics_match_plain_computation(full_run):
 
 def test_evaluate_mode_reproduces_final_eval(full_run):
     config, workdir, final, _ = full_run
-    result = train.evaluate(config, str(workdir), data=fake_data)
+    result = train.evaluate(config, str(workdir))  # the default data module: the pipeline
     assert result["step"] == STEPS
     assert result["eval"] == final["eval"] and result["eval_uniform"] == final["eval_uniform"]
     assert json.loads((workdir / "eval_metrics.json").read_text())["eval"] == final["eval"]
@@ -275,9 +348,12 @@ class _Killed(Exception):
 
 
 def test_resume_after_kill_gives_identical_metrics(full_run, tmp_path):
+    """Killed after step 6 (the last checkpoint at step 4, inside the full-video epoch) and
+    restarted, here reading through a Grain worker process: exactly the uninterrupted run's
+    metrics and parameters, the data resumed where the checkpoint was."""
     config, full_workdir, final, _ = full_run
 
-    def kill_at_step_6(step):  # after the checkpoint at step 4, inside the full-video epoch
+    def kill_at_step_6(step):
         if step == 6:
             raise _Killed()
 
@@ -288,26 +364,31 @@ def test_resume_after_kill_gives_identical_metrics(full_run, tmp_path):
     data_state = json.loads((tmp_path / "checkpoints" / "4" / "data" / "metadata").read_text())
     assert data_state["data_state"] == {"epoch": 1, "step": 1}  # 3 sampled steps + 1 full
 
-    fake_data.STEP_LOG.clear()
-    resumed = train_run(config, tmp_path)
+    recorded_pipeline.STEP_LOG.clear()
+    with_worker = config.copy_and_resolve_references()
+    with_worker.data.num_workers = 1
+    resumed = train_run(with_worker, tmp_path)
     assert resumed == final  # exactly, not approximately
-    first = next(r for r in fake_data.STEP_LOG if r[0] == "train")
-    assert first[1:4] == ("full", 1, 1)  # the data resumed where the checkpoint was
+    train_log = [r for r in recorded_pipeline.STEP_LOG if r[0] == "train"]
+    assert [r[1:4] for r in train_log] == [("full", 1, i) for i in range(1, FULL_STEPS)]
+    full_log = [r for r in full_run[3] if r[0] == "train" and r[1:3] == ("full", 1)]
+    assert train_log == full_log[1:]  # the same videos, frames and labels in the same steps
     a, b = restore_state(full_workdir, STEPS), restore_state(tmp_path, STEPS)
     jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
 def test_evaluation_during_training_does_not_change_training(full_run, tmp_path):
-    _, _, final, _ = full_run
-    config = tiny_config(**{"eval.every_steps": 4})
+    config, _, final, _ = full_run
+    config = tiny_config(config.data.data_dir, **{"eval.every_steps": 4})
     assert train_run(config, tmp_path) == final
-    assert sorted(read_events(tmp_path)["eval/top1"]) == [4, 8, STEPS]
+    assert sorted(read_events(tmp_path)["eval/top1"]) == [4, 8, 12, STEPS]
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(compile_cache, tmp_path):
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, compile_cache, tmp_path):
     del compile_cache
     # A huge learning rate without clipping overflows the weights after the first update.
     config = tiny_config(
+        data_dir,
         **{
             "schedule.base_lr": 1e30,
             "optim.grad_clip_norm": 0.0,
@@ -329,13 +410,13 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(compile_cache, tmp_path):
 def test_changed_epochs_on_resume_are_rejected(full_run, tmp_path):
     """A checkpoint's data position that does not match its step under the current config
     (here: a longer warm-up) is an error naming the fields, not a silent mismatch."""
-    import shutil
-
-    _, full_workdir, _, _ = full_run
+    config, full_workdir, _, _ = full_run
     shutil.copytree(full_workdir / "checkpoints", tmp_path / "checkpoints")
-    for step in (8, STEPS):  # resume from step 4: epoch 1 (full videos), data step 1
+    for step in (8, 12, STEPS):  # resume from step 4: epoch 1 (full videos), data step 1
         shutil.rmtree(tmp_path / "checkpoints" / str(step))
-    config = tiny_config(**{"train.uniform_warmup_epochs": 2, "train.num_epochs": 3.0})
+    config = tiny_config(
+        config.data.data_dir, **{"train.uniform_warmup_epochs": 2, "train.num_epochs": 3.0}
+    )
     with pytest.raises(ValueError, match=r"uniform_warmup_epochs.*changed"):
         train_run(config, tmp_path)
 
@@ -504,10 +585,10 @@ def test_classifier_name_must_match_a_module():
 
 
 def _run_main(args, env_extra):
-    """tests/fake_main.py (fva_jax.main with the fake data) in its own process."""
+    """tests/run_main.py (fva_jax.main) in its own process."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO), **env_extra}
     return subprocess.Popen(
-        [sys.executable, str(REPO / "tests" / "fake_main.py"), "--config=configs/demo.py", *args],
+        [sys.executable, str(REPO / "tests" / "run_main.py"), "--config=configs/demo.py", *args],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,
@@ -523,10 +604,10 @@ def _final_metrics_from_log(log: str) -> dict:
 
 
 def _data_steps_from_log(log: str) -> list[tuple]:
-    """The fake data's (split, mode, epoch, step, shape, videos) records of a run's log."""
+    """The recorded data steps (tests/recorded_pipeline.py) of a run's log."""
     return [
         tuple(tuple(x) if isinstance(x, list) else x for x in json.loads(m))
-        for m in re.findall(r"FAKE_DATA_STEP (\[.*\])", log)
+        for m in re.findall(r"DATA_STEP (\[.*\])", log)
     ]
 
 
@@ -540,12 +621,12 @@ SAMPLED_ONLY = {
 }
 
 
-def test_four_devices_give_the_same_result_as_one(compile_cache, tmp_path):
+def test_four_devices_give_the_same_result_as_one(data_dir, compile_cache, tmp_path):
     """The same global batches on 4 fake CPU devices (batch sharded 1 per device) through
     main.py: same training losses and evaluation as the in-process 1-device run."""
-    one = train_run(tiny_config(**SAMPLED_ONLY), tmp_path / "one")
+    one = train_run(tiny_config(data_dir, **SAMPLED_ONLY), tmp_path / "one")
     proc = _run_main(
-        [f"--workdir={tmp_path / 'four'}", *flags_for(**SAMPLED_ONLY)],
+        [f"--workdir={tmp_path / 'four'}", *flags_for(data_dir, **SAMPLED_ONLY)],
         {
             "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
             "JAX_COMPILATION_CACHE_DIR": compile_cache,
@@ -569,21 +650,34 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_train_together_and_agree(compile_cache, tmp_path):
-    """jax.distributed on localhost (CPU, gloo): 2 processes x 1 device, one full-video
-    epoch. Both run the same shapes at every step, every training video is read once in the
-    epoch across the two, every test video once in evaluation."""
+# sparse_events "long_tiny" (16 train videos of 16-209 frames, 8 test of 13-246) in 2 length
+# buckets, full videos only, 2 epochs, a checkpoint only at the end.
+LONG_TWO_EPOCHS = {
+    "data.builder_config": "long_tiny",
+    "train.num_epochs": 2.0,
+    "checkpoint.every_steps": 1000,
+    "eval.num_timeline_videos": 0,
+    **CLUSTER_ONLY,
+}
+
+
+def test_two_processes_train_together_and_agree(data_dir, compile_cache, tmp_path):
+    """jax.distributed on localhost (CPU, gloo): 2 processes x 1 device, two full-video epochs
+    over videos of widely varying lengths. Both run the same shapes at every step (the
+    pipeline's plan for 2 processes), every training video is read once per epoch across the
+    two (each row with its video's frames and label), every test video once in evaluation,
+    and both end with the same metrics."""
     port = _free_port()
     procs = [
         _run_main(
             [
                 f"--workdir={tmp_path}",
-                *flags_for(**{"train.num_epochs": 1.0, **CLUSTER_ONLY}),
+                *flags_for(data_dir, **LONG_TWO_EPOCHS),
                 f"--config.distributed.coordinator_address=127.0.0.1:{port}",
                 "--config.distributed.num_processes=2",
                 f"--config.distributed.process_id={i}",
             ],
-            {"JAX_COMPILATION_CACHE_DIR": compile_cache},
+            {"JAX_COMPILATION_CACHE_DIR": compile_cache, "FVA_RECORD_DATA_STEPS": "1"},
         )
         for i in range(2)
     ]
@@ -601,34 +695,64 @@ def test_two_processes_train_together_and_agree(compile_cache, tmp_path):
     results = [_final_metrics_from_log(log) for log in logs]
     assert results[0] == results[1]
     assert results[0] == json.loads((tmp_path / "final_metrics.json").read_text())
-    # 2 global slots per device step: 8 short videos in 2 steps of 4, 4 long ones in 2 of 2.
-    assert results[0]["step"] == 4 and math.isfinite(results[0]["train"]["loss"])
-    assert results[0]["eval"]["num_examples"] == 6  # each test video once across both hosts
+    config = tiny_config(data_dir, **LONG_TWO_EPOCHS)
+    layout = dict(process_index=0, process_count=2, local_device_count=1)
+    train_data = pipeline.TrainData(config, **layout)
+    eval_data = pipeline.EvalData(config, **layout)
+    steps_per_epoch = train_data.steps_per_epoch("full")
+    assert results[0]["step"] == 2 * steps_per_epoch and math.isfinite(results[0]["train"]["loss"])
+    assert results[0]["eval"]["num_examples"] == 8  # each test video once across both hosts
+
     reads = [_data_steps_from_log(log) for log in logs]
-    assert [r[:5] for r in reads[0]] == [r[:5] for r in reads[1]]  # same steps and shapes
-    for split, count in (("train", 12), ("test", 6)):
-        seen = [v for r in reads[0] + reads[1] if r[0] == split for v in r[5] if v >= 0]
-        assert sorted(seen) == list(range(count)), split
+    # The same splits, modes, epochs, steps and (rows, frames) shapes on both, in order.
+    assert [r[:5] for r in reads[0]] == [r[:5] for r in reads[1]]
+    train_reads = [r for r in reads[0] if r[0] == "train"]
+    assert [r[1:4] for r in train_reads] == [
+        ("full", e, i) for e in (0, 1) for i in range(steps_per_epoch)
+    ]
+    for epoch in (0, 1):
+        shapes = [r[4][:2] for r in train_reads if r[2] == epoch]
+        assert shapes == train_data.plan("full", epoch).shapes(), epoch
+        seen = [
+            v for p in (0, 1) for r in reads[p] if r[:3] == ("train", "full", epoch) for v in r[5]
+        ]
+        assert sorted(v for v in seen if v >= 0) == list(range(16)), epoch
+    assert len({r[4][1] for r in train_reads}) >= 2  # lengths vary: several padded lengths
+    for p in (0, 1):
+        check_recorded_steps([r for r in reads[p] if r[0] == "train"], train_data)
+        check_recorded_steps([r for r in reads[p] if r[0] == "test"], eval_data)
+    seen = [v for p in (0, 1) for r in reads[p] if r[0] == "test" for v in r[5] if v >= 0]
+    assert sorted(seen) == list(range(8))
     # One checkpoint holding the global data position and the host layout.
-    data_state = json.loads((tmp_path / "checkpoints" / "4" / "data" / "metadata").read_text())
+    last = 2 * steps_per_epoch
+    data_state = json.loads(
+        (tmp_path / "checkpoints" / str(last) / "data" / "metadata").read_text()
+    )
     assert data_state["process_count"] == 2
-    assert data_state["data_state"] == {"epoch": 0, "step": 4}
+    assert data_state["data_state"] == {"epoch": 1, "step": steps_per_epoch}
 
 
-def test_training_imports_no_tensorflow(compile_cache, tmp_path):
-    """A few steps and an evaluation in a process where `import tensorflow` fails (an import
-    hook first on sys.meta_path): metrics, checkpoints and TensorBoard events are written."""
+def test_training_imports_no_tensorflow(data_dir, compile_cache, tmp_path):
+    """A few steps and an evaluation on the real pipeline in a process where
+    `import tensorflow` fails (an import hook first on sys.meta_path; the data set was built
+    beforehand by this session): metrics, checkpoints and TensorBoard events are written, and
+    TensorFlow is not in sys.modules afterwards."""
     proc = _run_main(
-        [f"--workdir={tmp_path}", *flags_for(**{"train.num_train_steps": 2, **CLUSTER_ONLY})],
+        [
+            f"--workdir={tmp_path}",
+            *flags_for(data_dir, **{"train.num_train_steps": 2, **CLUSTER_ONLY}),
+        ],
         {"JAX_COMPILATION_CACHE_DIR": compile_cache, "FVA_BLOCK_TENSORFLOW": "1"},
     )
     log, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, log[-3000:]
     assert log.rstrip().endswith("TENSORFLOW_IMPORTED False"), log[-3000:]
     final = json.loads((tmp_path / "final_metrics.json").read_text())
-    assert final["step"] == 2 and final["eval"]["num_examples"] == 6
+    assert final["step"] == 2 and final["eval"]["num_examples"] == NUM_TEST
+    assert checkpoint_steps(tmp_path) == [2]
     events = read_events(tmp_path)
     assert sorted(events["train/loss"]) == [1, 2]
+    assert sorted(events["eval/top1"]) == [2]
     assert set(events["clusters/video0"]) == {2}
 
 
@@ -673,16 +797,17 @@ def _write_random_pretrained(config, out_dir, seed: int) -> dict:
 
     model = FullVideoModel(num_classes=4, **steps.model_kwargs(config))
     frames = config.model.chunk_size
-    variables = model.init(
+    # Only the variables' shapes are needed (eval_shape: nothing runs or compiles).
+    variables = jax.eval_shape(
+        functools.partial(model.init, train=False),
         jax.random.PRNGKey(seed),
         jnp.zeros((1, frames, config.data.crop_size, config.data.crop_size, 3), jnp.uint8),
         jnp.ones((1, frames), bool),
-        train=False,
     )
     rng = np.random.default_rng(seed)
     tree = {}
     for collection in ("params", "batch_stats"):
-        flat = traverse_util.flatten_dict(jax.device_get(variables[collection]))
+        flat = traverse_util.flatten_dict(variables[collection])
         # Drop the stem/trunk level; random non-trivial values everywhere (also BN statistics).
         tree[collection] = traverse_util.unflatten_dict(
             {
@@ -701,7 +826,7 @@ def test_init_from_loads_weights_before_training_not_on_resume(full_run, tmp_pat
 
     config, full_workdir, final, _ = full_run
     pretrained = _write_random_pretrained(config, tmp_path / "weights", seed=7)
-    config = tiny_config(**{"train.init_from": str(tmp_path / "weights")})
+    config = tiny_config(config.data.data_dir, **{"train.init_from": str(tmp_path / "weights")})
     loaded = []
     original = experiment.load_pretrained
 
@@ -735,16 +860,14 @@ def test_init_from_loads_weights_before_training_not_on_resume(full_run, tmp_pat
     )
 
     # A finished (or resumed) run keeps its checkpoint: init_from is not applied again.
-    import shutil
-
     resumed = tmp_path / "resumed"
     shutil.copytree(full_workdir, resumed)
     assert train_run(config, resumed) == final
     assert len(loaded) == 1
 
 
-def test_init_from_errors_name_the_problem(tmp_path):
-    config = tiny_config(**{"train.init_from": str(tmp_path / "nowhere")})
+def test_init_from_errors_name_the_problem(data_dir, tmp_path):
+    config = tiny_config(data_dir, **{"train.init_from": str(tmp_path / "nowhere")})
     with pytest.raises(Exception, match="nowhere"):
         train_run(config, tmp_path / "w")
 
@@ -753,7 +876,7 @@ def test_init_from_errors_name_the_problem(tmp_path):
 
 
 def test_cluster_timelines_written_to_tensorboard(full_run):
-    from fva_jax.tools import visualize
+    from fva_jax import timeline
 
     config, workdir, _, _ = full_run
     events = read_events(workdir)
@@ -763,18 +886,16 @@ def test_cluster_timelines_written_to_tensorboard(full_run):
         "clusters/video1": [STEPS],
     }
     # The same pictures drawn the plain way: the first real videos of the first "eval" (full
-    # video) batches through the checkpoint's model.
+    # video) batches of the pipeline through the checkpoint's model.
     state = restore_state(workdir, STEPS)
-    info = fake_data.dataset_info(config.data)
-    model = FullVideoModel(num_classes=info["num_classes"], **steps.model_kwargs(config))
-    names = info["class_names"]
+    names = pipeline.dataset_info(config.data)["class_names"]
+    apply = plain_apply(config)
     drawn = 0
-    for batch in fake_data.EvalData(config).iterator("full"):
-        logits, seg = model.apply(
+    for batch in pipeline.EvalData(config).iterator("full"):
+        logits, seg = apply(
             {"params": state["params"], "batch_stats": state["batch_stats"]},
             batch["video"],
             batch["mask"],
-            train=False,
         )
         for i in np.flatnonzero(batch["batch_mask"]):
             if drawn == 2:
@@ -784,7 +905,7 @@ def test_cluster_timelines_written_to_tensorboard(full_run):
                 f"eval video {drawn}: {n} frames, label {names[batch['label'][i]]}, predicted "
                 f"{names[int(np.argmax(logits[i]))]} (step {STEPS})"
             )
-            expected = visualize.render_timeline(
+            expected = timeline.render_timeline(
                 batch["video"][i, :n],
                 None,
                 np.asarray(seg[i, :n]),
@@ -799,10 +920,11 @@ def test_cluster_timelines_written_to_tensorboard(full_run):
     assert drawn == 2
 
 
-def test_no_timelines_when_disabled(compile_cache, tmp_path):
+def test_no_timelines_when_disabled(data_dir, compile_cache, tmp_path):
     del compile_cache
+    # The programs of test_training_imports_no_tensorflow (2 steps): compiled once.
     config = tiny_config(
-        **{"eval.num_timeline_videos": 0, "train.num_train_steps": 1, **CLUSTER_ONLY}
+        data_dir, **{"eval.num_timeline_videos": 0, "train.num_train_steps": 2, **CLUSTER_ONLY}
     )
     train_run(config, tmp_path)
     events = read_events(tmp_path)
@@ -813,48 +935,48 @@ def test_no_timelines_when_disabled(compile_cache, tmp_path):
 # ----------------------------------------------------------------------------- predict
 
 
-def test_eval_preprocess_matches_tf_pipeline():
-    """predict's NumPy/JAX evaluation crop == pipeline.preprocess(train=False) on the same
-    frames (non-square, so the crop and the antialiased resize both matter). JPEGs without
-    chroma subsampling, decoded by TensorFlow for both: JPEG decoders differ by a few levels
-    (PIL vs TF, and TF's cropped vs full decode with subsampled chroma), which is not what is
-    tested here."""
-    import tensorflow as tf
+def test_predict_frames_match_the_pipelines_eval_crop(data_dir, tmp_path):
+    """predict's evaluation frames of a stored test video (its JPEG frames written as a
+    folder, decoded by predict: PIL) equal the frames the pipeline's evaluation gives that
+    video (simplejpeg, pipeline.centre_crop_window / crop_resize), for centre squares kept
+    as they are, shrunk (area averaging) and enlarged (bilinear). Tolerance: 1 level, for a
+    JPEG decoder's rounding (PIL and simplejpeg both wrap libjpeg-turbo; here they agree
+    exactly); a different resize filter (predict's JAX antialiased bilinear resize before,
+    several levels off) fails."""
+    from array_record.python import array_record_data_source
 
-    from fva_jax.data import pipeline
     from fva_jax.tools import predict
 
-    rng = np.random.default_rng(0)
-    frames = (rng.uniform(0, 255, (5, 1, 1, 3)) + rng.normal(0, 40, (5, 48, 64, 3))).clip(0, 255)
-    jpegs = [
-        tf.io.encode_jpeg(f, quality=100, chroma_downsampling=False).numpy()
-        for f in frames.astype(np.uint8)
-    ]
-    decoded = np.stack([tf.io.decode_jpeg(j, channels=3).numpy() for j in jpegs])
-    for resize_short, crop, stride, cap in (
-        (32, 16, 1, 16),
-        (40, 40, 2, 2),
-        (30, 30, 1, 16),
-        (256, 224, 1, 16),
+    builder = builders.get_builder("sparse_events", "tiny", str(data_dir))
+    records = array_record_data_source.ArrayRecordDataSource(
+        list(builder.info.splits["test"].file_instructions)
+    )
+    for resize_short, crop_size, side in (
+        (32, 16, 16),  # the centre 16 px, no resize
+        (24, 16, 21),  # shrunk 21 -> 16 px
+        (20, 16, 26),  # shrunk 26 -> 16 px
+        (40, 24, 19),  # enlarged 19 -> 24 px
+        (32, 32, 32),  # the whole frame
     ):
-        cfg = ml_collections.ConfigDict(
-            dict(
-                frame_stride=stride,
-                max_frames=cap,
-                resize_short=resize_short,
-                crop_size=crop,
-                crop_scales=(1.0,),
-                hflip=False,
-            )
+        config = tiny_config(
+            data_dir, **{"data.resize_short": resize_short, "data.crop_size": crop_size}
         )
-        want = pipeline.preprocess(
-            {"video": tf.constant(jpegs), "label": tf.constant(0)}, cfg, train=False
+        assert pipeline.centre_crop_window(32, 32, crop_size, resize_short)[2] == side
+        eval_data = pipeline.EvalData(
+            config, process_index=0, process_count=1, local_device_count=1
         )
-        n = int(want["mask"].numpy().sum())
-        got = predict.eval_preprocess(decoded[::stride][:cap], cfg)
-        assert got.shape == (n, crop, crop, 3), (resize_short, crop)
-        diff = np.abs(got.astype(int) - want["video"].numpy()[:n].astype(int))
-        assert diff.max() <= 1, (resize_short, crop, diff.max())
+        batch = next(iter(eval_data.iterator("full")))
+        video = int(eval_data.plan("full").rows(0, 0)[0])
+        n = int(batch["mask"][0].sum())
+        folder = tmp_path / f"video_{resize_short}_{crop_size}"
+        folder.mkdir()
+        jpegs = builders.parse_record(records[video])["video"]
+        for i, jpeg in enumerate(jpegs):
+            (folder / f"{i:05d}.jpg").write_bytes(jpeg)
+        got = predict.load_video(folder, config.data)
+        assert got.used == got.total == n == len(jpegs)
+        diff = np.abs(got.frames.astype(int) - batch["video"][0, :n].astype(int))
+        assert diff.max() <= 1, (resize_short, crop_size, diff.max())
 
 
 def _sparse_events_mp4(path, frames: int = 20):
@@ -896,16 +1018,15 @@ def test_predict_prints_the_models_probabilities_and_segments(full_run, tmp_path
     # The plain computation: decode, centre crop (resize_short 32 = the stored size, so the
     # crop is the centre 16 px), every frame unpadded, the checkpoint's model in eval mode.
     state = restore_state(workdir, STEPS)
-    info = fake_data.dataset_info(config.data)
-    model = FullVideoModel(num_classes=info["num_classes"], **steps.model_kwargs(config))
+    info = json.loads((workdir / checkpoints.DATASET_INFO_FILE).read_text())
+    apply = plain_apply(config)
     for path in paths:
         frames = video_lib.decode_video(path)[:, 8:24, 8:24]
         n = len(frames)
-        logits, seg = model.apply(
+        logits, seg = apply(
             {"params": state["params"], "batch_stats": state["batch_stats"]},
             frames[None],
             np.ones((1, n), bool),
-            train=False,
         )
         z = np.asarray(logits[0], np.float64)
         probs = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
@@ -935,8 +1056,6 @@ def test_predict_errors_name_the_workdir_and_the_video(full_run, tmp_path):
     with pytest.raises(SystemExit, match=f"{tmp_path}.*not a training workdir"):
         predict.main([f"--workdir={tmp_path}", "x.mp4"])
     # A workdir with its config but without checkpoints.
-    import shutil
-
     empty = tmp_path / "no_ckpt"
     empty.mkdir()
     for name in (checkpoints.CONFIG_FILE, checkpoints.DATASET_INFO_FILE):

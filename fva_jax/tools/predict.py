@@ -33,13 +33,10 @@ import numpy as np
 # default); decoding at the same size makes predictions see what evaluation saw.
 STORED_SHORT_SIDE = 256
 
-# Frames cropped and resized per call of the (compiled) resize: bounds its float32 copy of a
-# long video to one chunk.
-CROP_CHUNK = 64
-
 
 def eval_preprocess(frames: np.ndarray, data_config) -> np.ndarray:
-    """The evaluation crop of the data pipeline (train=False), without TensorFlow.
+    """The evaluation crop of the data pipeline (fva_jax.data.pipeline, evaluation), so that
+    a prediction sees its frames as evaluation saw the stored ones.
 
     Args:
       frames: uint8 (T, H, W, 3), the frames to classify.
@@ -47,48 +44,20 @@ def eval_preprocess(frames: np.ndarray, data_config) -> np.ndarray:
 
     Returns:
       uint8 (T, crop_size, crop_size, 3): the centre square of side
-      round(min(H, W) * crop_size / resize_short), resized to crop_size with the same
-      antialiased bilinear filter as tf.image.resize(antialias=True) (no resize when it already
-      has that size). Resized CROP_CHUNK frames at a time (each frame on its own), so memory
-      beyond the input and output stays one chunk's.
+      round(min(H, W) * crop_size / resize_short) (pipeline.centre_crop_window), resized to
+      crop_size with the pipeline's own filter (pipeline.crop_resize: OpenCV area averaging
+      when shrinking, bilinear when enlarging), one frame at a time.
     """
+    from fva_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+
     frames = np.asarray(frames)
     t, h, w, _ = frames.shape
     size = int(data_config.crop_size)
-    # Same rounding as the pipeline's crop window: round-half-to-even, like np.round.
-    c = int(np.round(min(h, w) * size / data_config.resize_short))
-    c = min(max(c, 1), h, w)
-    y, x = (h - c) // 2, (w - c) // 2
-    crop = frames[:, y : y + c, x : x + c]
-    if c == size:
-        return np.ascontiguousarray(crop)
-    resize = _resize_fn(size)
+    window = pipeline.centre_crop_window(h, w, size, data_config.resize_short)
     out = np.empty((t, size, size, 3), np.uint8)
-    for start in range(0, t, CROP_CHUNK):
-        part = crop[start : start + CROP_CHUNK]
-        n = len(part)
-        if n < CROP_CHUNK:  # one shape for every chunk: the last one zero-padded
-            part = np.concatenate([part, np.zeros((CROP_CHUNK - n,) + part.shape[1:], np.uint8)])
-        out[start : start + n] = np.asarray(resize(part))[:n]
+    for frame, crop in zip(frames, out):
+        pipeline.crop_resize(frame, window, size, False, crop)
     return out
-
-
-@functools.lru_cache(maxsize=None)
-def _resize_fn(size: int):
-    """Compiled uint8 (n, c, c, 3) -> uint8 (n, size, size, 3) antialiased bilinear resize."""
-    import jax  # pylint: disable=g-import-not-at-top
-    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-
-    def resize(crop):
-        resized = jax.image.resize(
-            crop.astype(jnp.float32),
-            (crop.shape[0], size, size, 3),
-            method="linear",
-            antialias=True,
-        )
-        return jnp.clip(jnp.round(resized), 0, 255).astype(jnp.uint8)
-
-    return jax.jit(resize)
 
 
 def load_video(path, data_config, *, stride: int = 1, max_frames: int | None = None):

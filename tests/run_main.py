@@ -1,10 +1,14 @@
-"""`python tests/fake_main.py <fva_jax.main flags>`: fva_jax.main with tests/fake_data.py as
-the data module, for trainer tests that need their own process (several devices, several
-processes, no TensorFlow).
+"""`python tests/run_main.py <fva_jax.main flags>`: fva_jax.main (the real data pipeline) in
+its own process, for trainer tests that need one (several devices, several processes, no
+TensorFlow).
 
-With FVA_BLOCK_TENSORFLOW=1 an import hook placed first on sys.meta_path makes
-`import tensorflow` (and tensorflow.*) fail before anything is imported, and the last line
-printed is "TENSORFLOW_IMPORTED False" (or True) when the run is over.
+FVA_BLOCK_TENSORFLOW=1: an import hook placed first on sys.meta_path, before anything is
+imported, makes `import tensorflow` (and tensorflow.*) fail; the last line printed is
+"TENSORFLOW_IMPORTED False" (or True) when the run is over. The data set must be built
+beforehand (building may import TensorFlow; training must not).
+
+FVA_RECORD_DATA_STEPS=1: the trainer reads through tests/recorded_pipeline.py, which logs
+every step it reads as a "DATA_STEP [...]" line.
 """
 
 import importlib.abc
@@ -41,15 +45,18 @@ def main() -> None:
             pass
         else:
             raise SystemExit("the import hook did not block tensorflow")
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-    import fake_data  # pylint: disable=g-import-not-at-top
     import jax  # pylint: disable=g-import-not-at-top
     from absl import app  # pylint: disable=g-import-not-at-top
 
     from fva_jax import main as fva_main  # pylint: disable=g-import-not-at-top
-    from fva_jax import train  # pylint: disable=g-import-not-at-top
 
-    train._default_data = lambda: fake_data  # pylint: disable=protected-access
+    if os.environ.get("FVA_RECORD_DATA_STEPS") == "1":
+        sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+        import recorded_pipeline  # pylint: disable=g-import-not-at-top
+
+        from fva_jax import train  # pylint: disable=g-import-not-at-top
+
+        train._default_data = lambda: recorded_pipeline  # pylint: disable=protected-access
     jax.config.config_with_absl()
     try:
         app.run(fva_main.main, flags_parser=fva_main._parse_flags)  # pylint: disable=protected-access
