@@ -45,7 +45,8 @@ from fva_jax import (
     steps,
     train,
 )
-from fva_jax.data import builders, pipeline
+from fva_jax.data import builders, frames, pipeline
+from fva_jax.data import records as records_lib
 from fva_jax.models.full_video import FullVideoModel
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -938,7 +939,7 @@ def test_no_timelines_when_disabled(data_dir, compile_cache, tmp_path):
 def test_predict_frames_match_the_pipelines_eval_crop(data_dir, tmp_path):
     """predict's evaluation frames of a stored test video (its JPEG frames written as a
     folder, decoded by predict: PIL) equal the frames the pipeline's evaluation gives that
-    video (simplejpeg, pipeline.centre_crop_window / crop_resize), for centre squares kept
+    video (simplejpeg, frames.centre_crop_window / crop_resize), for centre squares kept
     as they are, shrunk (area averaging) and enlarged (bilinear). Tolerance: 1 level, for a
     JPEG decoder's rounding (PIL and simplejpeg both wrap libjpeg-turbo; here they agree
     exactly); a different resize filter (predict's JAX antialiased bilinear resize before,
@@ -961,7 +962,7 @@ def test_predict_frames_match_the_pipelines_eval_crop(data_dir, tmp_path):
         config = tiny_config(
             data_dir, **{"data.resize_short": resize_short, "data.crop_size": crop_size}
         )
-        assert pipeline.centre_crop_window(32, 32, crop_size, resize_short)[2] == side
+        assert frames.centre_crop_window(32, 32, crop_size, resize_short)[2] == side
         eval_data = pipeline.EvalData(
             config, process_index=0, process_count=1, local_device_count=1
         )
@@ -970,7 +971,7 @@ def test_predict_frames_match_the_pipelines_eval_crop(data_dir, tmp_path):
         n = int(batch["mask"][0].sum())
         folder = tmp_path / f"video_{resize_short}_{crop_size}"
         folder.mkdir()
-        jpegs = builders.parse_record(records[video])["video"]
+        jpegs = records_lib.parse_record(records[video])["video"]
         for i, jpeg in enumerate(jpegs):
             (folder / f"{i:05d}.jpg").write_bytes(jpeg)
         got = predict.load_video(folder, config.data)

@@ -44,19 +44,19 @@ def eval_preprocess(frames: np.ndarray, data_config) -> np.ndarray:
 
     Returns:
       uint8 (T, crop_size, crop_size, 3): the centre square of side
-      round(min(H, W) * crop_size / resize_short) (pipeline.centre_crop_window), resized to
-      crop_size with the pipeline's own filter (pipeline.crop_resize: OpenCV area averaging
+      round(min(H, W) * crop_size / resize_short) (frames.centre_crop_window), resized to
+      crop_size with the pipeline's own filter (frames.crop_resize: OpenCV area averaging
       when shrinking, bilinear when enlarging), one frame at a time.
     """
-    from fva_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    from fva_jax.data import frames as frame_ops  # pylint: disable=g-import-not-at-top
 
     frames = np.asarray(frames)
     t, h, w, _ = frames.shape
     size = int(data_config.crop_size)
-    window = pipeline.centre_crop_window(h, w, size, data_config.resize_short)
+    window = frame_ops.centre_crop_window(h, w, size, data_config.resize_short)
     out = np.empty((t, size, size, 3), np.uint8)
     for frame, crop in zip(frames, out):
-        pipeline.crop_resize(frame, window, size, False, crop)
+        frame_ops.crop_resize(frame, window, size, False, crop)
     return out
 
 
