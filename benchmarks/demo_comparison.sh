@@ -123,9 +123,9 @@ def pm(values):
     if not values:
         return "-"
     mean = 100 * statistics.mean(values)
-    sd = 100 * statistics.stdev(values) if len(values) > 1 else float("nan")
+    sd = f"{100 * statistics.stdev(values):.1f}" if len(values) > 1 else "? (1 seed)"
     each = ", ".join(f"{100 * v:.1f}" for v in values)
-    return f"{mean:.1f} ± {sd:.1f} % ({each})"
+    return f"{mean:.1f} ± {sd} % ({each})"
 
 
 print(f"| training and test sampling (K={k}) | seeds | steps | test top-1, mean ± sd (each seed) | "
