@@ -1,100 +1,56 @@
-"""XLA temporary memory of one training step vs. video length T.
+"""XLA temporary memory of the trainer's training step vs. video length T, and the plan an
+activation budget chooses per T.
 
-For each T, compiles (lower + compile only: nothing is allocated or run) one training step,
-the trainer's own ``fva_jax.steps.train_step`` (forward + backward + update) with plain SGD,
-batch of one video, and prints
+For each T, compiles (lower + compile only: nothing is allocated or run) the trainer's own
+training step (`fva_jax.experiment.jitted_train_steps`: the config's optax chain, the mesh
+shardings; forward + backward + update; batch of --batch-size videos) and prints
 ``compiled.memory_analysis().temp_size_in_bytes`` for
 
-  (a) the full-video model (sampling="cluster": two passes, chunked, rematerialised),
-  (b) the same math without chunking or rematerialisation (``FullVideoModel.unchunked``:
-      every frame's stem activations kept for the backward pass, as the original release),
-  (c) uniform sampling of K frames (independent of T; compiled once, at the largest T).
+  (a) the full-video model with the memory-flat plan forced (model.plan="recompute": two
+      passes, chunked, rematerialised),
+  (b) model.plan="unchunked" (every frame's stem activations kept for the backward pass, as
+      the original release), and with --keep-stem also model.plan="keep_stem" (pass 1's stem
+      outputs kept in the compute dtype),
+  (c) the uniform step: K host-chosen frames per video (independent of T; compiled once).
+
+It also prints, per T, the plan that model.plan="auto" takes under --activation-budget-mb
+(-1: the default of the device this runs on) and the estimates it chose from
+(`fva_jax.models.full_video.choose_plan`; traced from shapes, nothing compiled).
 
 Arguments and inputs are not temporaries: the uint8 video itself (T*H*W*3 bytes) is an input.
 
     python benchmarks/memory.py --model resnet50 --resolution 224 --num-clusters 16 \
-        --frames 256,1024,4096,27000
+        --frames 256,1024,4096,27000 --skip-unchunked-above 1024
 
 Last line: one JSON object {"frames", "full_video_temp_bytes", "unchunked_temp_bytes",
-"uniform_temp_bytes", ...settings}.
+"uniform_temp_bytes", "keep_stem_temp_bytes", "chosen_plan", "plan_estimates_bytes",
+"activation_budget_bytes", ...settings}.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import optax  # noqa: E402
+import trainer_step  # noqa: E402  (benchmarks/trainer_step.py)
 
-from fva_jax import steps  # noqa: E402
-from fva_jax.models.full_video import FullVideoModel  # noqa: E402
-
-LEARNING_RATE = 0.01
-SGD = optax.sgd(LEARNING_RATE)
+from fva_jax import experiment  # noqa: E402
+from fva_jax.models.full_video import choose_plan  # noqa: E402
 
 
-def sgd_train_step(model, method=None):
-    """fva_jax.steps.train_step with plain SGD: (TrainState, batch) -> (TrainState, metrics).
-    method: a FullVideoModel method to train instead of __call__ (e.g. "unchunked")."""
-    return functools.partial(
-        steps.train_step,
-        model=model,
-        tx=SGD,
-        schedule=optax.constant_schedule(LEARNING_RATE),
-        method=method,
-    )
-
-
-def sgd_state(variables) -> steps.TrainState:
-    """A TrainState at step 0 holding `variables` (works on abstract ones under eval_shape)."""
-    return steps.TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=variables["params"],
-        batch_stats=variables["batch_stats"],
-        opt_state=SGD.init(variables["params"]),
-        rng=jax.random.PRNGKey(1),
-    )
-
-
-def make_batch(videos, mask, labels) -> dict:
-    """The trainer's batch dict; every video real (batch_mask all True)."""
-    return {
-        "video": videos,
-        "mask": mask,
-        "label": labels,
-        "batch_mask": jnp.ones(labels.shape, bool),
-    }
-
-
-def compiled_step(model, frames, resolution, batch, method=None):
-    """Lowers and compiles one training step on abstract inputs; returns the Compiled object."""
-    videos = jax.ShapeDtypeStruct((batch, frames, resolution, resolution, 3), jnp.uint8)
-    mask = jax.ShapeDtypeStruct((batch, frames), jnp.bool_)
-    labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
-    variables = jax.eval_shape(
-        lambda v, m: model.init({"params": jax.random.key(0)}, v, m, train=False), videos, mask
-    )
-    state = jax.eval_shape(sgd_state, variables)
-    inputs = {
-        "video": videos,
-        "mask": mask,
-        "label": labels,
-        "batch_mask": jax.ShapeDtypeStruct((batch,), jnp.bool_),
-    }
-    return jax.jit(sgd_train_step(model, method)).lower(state, inputs).compile()
-
-
-def temp_bytes(model, frames, resolution, batch, method=None) -> int:
+def temp_bytes(run, mode: str, frames: int, args) -> int:
+    """Temporary bytes of the compiled training step of `run` in data `mode` at T=frames."""
     t0 = time.time()
-    compiled = compiled_step(model, frames, resolution, batch, method)
+    state = trainer_step.abstract_state(run)
+    batch = trainer_step.abstract_batch(run, args.batch_size, frames, args.resolution)
+    compiled = experiment.jitted_train_steps(run)[mode].lower(state, batch).compile()
     out = int(compiled.memory_analysis().temp_size_in_bytes)
     print(f"    compiled in {time.time() - t0:.1f}s", file=sys.stderr)
     return out
@@ -118,45 +74,91 @@ def main(argv=None):
         "--skip-unchunked-above",
         type=int,
         default=0,
-        help="do not compile the unchunked step for T above this (0 = never skip)",
+        help="do not compile the unchunked (or keep_stem) step for T above this (0 = never skip)",
+    )
+    p.add_argument(
+        "--keep-stem", action="store_true", help="also compile plan keep_stem (memory O(T))"
+    )
+    p.add_argument(
+        "--activation-budget-mb",
+        type=float,
+        default=-1.0,
+        help="budget of the plan choice printed per T (-1: this device's default)",
+    )
+    p.add_argument(
+        "--fast-compile",
+        action="store_true",
+        help="config.fast_compile (XLA backend optimisation level 0; buffer sizes are decided "
+        "before it): for smoke tests",
     )
     args = p.parse_args(argv)
     frames = [int(f) for f in args.frames.split(",")]
-    common = dict(
-        num_classes=100,
-        backbone=args.model,
-        width=args.width,
-        num_clusters=args.num_clusters,
-        chunk_size=args.chunk_size,
-        dtype=jnp.dtype(args.dtype),
-    )
-    cluster = FullVideoModel(sampling="cluster", **common)
-    uniform = FullVideoModel(sampling="uniform", **common)
+
+    def make_run(plan):
+        return trainer_step.make_run(
+            trainer_step.trainer_config(
+                model=args.model,
+                width=args.width,
+                resolution=args.resolution,
+                num_clusters=args.num_clusters,
+                chunk_size=args.chunk_size,
+                dtype=args.dtype,
+                batch_size=args.batch_size,
+                plan=plan,
+                activation_budget_mb=args.activation_budget_mb,
+                fast_compile=args.fast_compile,
+            )
+        )
+
+    runs = {plan: make_run(plan) for plan in ("auto", "recompute", "unchunked", "keep_stem")}
     print(
         f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}); {args.model} "
         f"width {args.width}, "
         f"{args.resolution}px, K={args.num_clusters}, chunk {args.chunk_size}, "
-        f"batch {args.batch_size}, {args.dtype}"
+        f"batch {args.batch_size}, {args.dtype}; the trainer's step "
+        f"({runs['auto'].config.optim.name} optax chain)"
     )
-    full, unchunked = [], []
+
+    def skipped(t):
+        return bool(args.skip_unchunked_above) and t > args.skip_unchunked_above
+
+    full, unchunked, kept, choices = [], [], [], []
     for t in frames:
         print(f"T={t}", file=sys.stderr)
-        full.append(temp_bytes(cluster, t, args.resolution, args.batch_size))
-        if args.skip_unchunked_above and t > args.skip_unchunked_above:
-            unchunked.append(None)
-        else:
-            unchunked.append(
-                temp_bytes(cluster, t, args.resolution, args.batch_size, method="unchunked")
-            )
-    uni = temp_bytes(uniform, frames[-1], args.resolution, args.batch_size)
-    print(f"{'T':>8} {'full-video MiB':>15} {'unchunked MiB':>15} {'uniform MiB':>12}")
-    for t, f, u in zip(frames, full, unchunked):
-        us = f"{u / 2**20:15.1f}" if u is not None else f"{'skipped':>15}"
-        print(f"{t:>8} {f / 2**20:15.1f} {us} {uni / 2**20:12.1f}")
+        shape = (args.batch_size, t, args.resolution, args.resolution, 3)
+        choices.append(choose_plan(runs["auto"].models["full"], shape))
+        full.append(temp_bytes(runs["recompute"], "full", t, args))
+        unchunked.append(None if skipped(t) else temp_bytes(runs["unchunked"], "full", t, args))
+        if args.keep_stem:
+            kept.append(None if skipped(t) else temp_bytes(runs["keep_stem"], "full", t, args))
+    uni = temp_bytes(runs["auto"], "sampled", args.num_clusters, args)
+
+    def mib(x):
+        return f"{x / 2**20:15.1f}" if x is not None else f"{'skipped':>15}"
+
     print(
-        f"full-video growth {frames[0]}->{frames[-1]} frames: {full[-1] / full[0]:.3f}x; "
-        f"full-video / uniform at T={frames[-1]}: {full[-1] / uni:.2f}x"
+        f"{'T':>8} {'full-video MiB':>15} {'unchunked MiB':>15}"
+        + (f" {'keep_stem MiB':>15}" if args.keep_stem else "")
+        + f" {'uniform MiB':>12}"
     )
+    for i, t in enumerate(frames):
+        print(
+            f"{t:>8} {mib(full[i])} {mib(unchunked[i])}"
+            + (f" {mib(kept[i])}" if args.keep_stem else "")
+            + f" {uni / 2**20:12.1f}"
+        )
+    print(
+        f"full-video (recompute) growth {frames[0]}->{frames[-1]} frames: "
+        f"{full[-1] / full[0]:.3f}x; full-video / uniform at T={frames[-1]}: {full[-1] / uni:.2f}x"
+    )
+    budget = choices[0]
+    print(
+        f"plan chosen by model.plan='auto' (budget {budget.budget_bytes / 2**20:.0f} MiB, "
+        f"{budget.budget_source}; estimates per device):"
+    )
+    for t, c in zip(frames, choices):
+        est = ", ".join(f"{p} {b / 2**20:.1f}" for p, b in c.estimates.items())
+        print(f"{t:>8} {c.plan:>10}   ({est} MiB)")
     print(
         json.dumps(
             {
@@ -164,6 +166,10 @@ def main(argv=None):
                 "full_video_temp_bytes": full,
                 "unchunked_temp_bytes": unchunked,
                 "uniform_temp_bytes": uni,
+                "keep_stem_temp_bytes": kept if args.keep_stem else None,
+                "chosen_plan": [c.plan for c in choices],
+                "plan_estimates_bytes": [c.estimates for c in choices],
+                "activation_budget_bytes": budget.budget_bytes,
                 "model": args.model,
                 "resolution": args.resolution,
                 "num_clusters": args.num_clusters,

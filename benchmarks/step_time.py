@@ -1,24 +1,35 @@
-"""Wall time and FLOPs of one training step: sampling="cluster" vs "uniform" vs "dense".
+"""Wall time, frames/s and MFU of the trainer's own training step, by sampling and memory plan.
 
-Compiles one training step (fva_jax.steps.train_step with plain SGD: forward + backward +
-update) per sampling on the same batch
-of whole videos (plus "unchunked": the clustered math in one piece, no scan, no remat), then
-times them interleaved (round robin, median of --steps runs each), so load on a shared
-machine hits all three alike. Times are reported as ratios to uniform; on an
-accelerator the absolute milliseconds are printed too (the device is named).
+What is timed is what `fva_jax.train` runs: the config's optimizer (`fva_jax.optim`: the
+paper's SGD recipe with clipping, weight decay, momentum and classifier learning-rate
+multipliers), `fva_jax.steps.train_step` jitted with the trainer's mesh shardings and state
+donation (`fva_jax.experiment.make_run` + `jitted_train_steps`), on batches already on the
+devices. Rows:
 
-FLOPs come from XLA's ``compiled.cost_analysis()``. XLA counts the body of a while loop
-(``jax.lax.scan``) once, not once per iteration, so for the chunked cluster model the figure
-is built from loop-free pieces: FLOPs of the unchunked step (same math, no scan) + 2 x the
-stem's forward FLOPs on all frames (pass 1 and the recomputation in the backward pass).
-The raw (undercounted) figure is printed alongside.
+  cluster    the full-video step (mode "full") with model.plan="auto": the plan the budget
+             (--activation-budget-mb; -1 = the device's default) chooses for this shape;
+  uniform    the sampled step (mode "sampled": K host-chosen frames per video, B videos),
+             the baseline of the ratios (sampling "dense" trains with the same step);
+  unchunked, keep_stem, recompute
+             the full-video step with the plan forced (--plans); the row of the chosen plan
+             is the same program as "cluster" and shares its timing.
 
-On XLA:CPU, convolution gradients inside a while loop (the scan of pass 2) run several times
-slower than the same ops outside a loop (jax-ml/jax#12868: a 3x3 conv's filter gradient
-~11x slower here), so the cluster/unchunked time ratio on CPU overstates the cost of the
-two passes; compare on an accelerator.
+Steps are timed interleaved (round robin, median of --steps runs each, after one warm-up),
+so load on a shared machine hits every row alike; the state is threaded from step to step
+as in the trainer.
 
-    python benchmarks/step_time.py --model resnet18 --width 16 --resolution 64 --frames 128
+FLOPs are counted per layer from shapes (`fva_jax.models.flops`: convolutions and dense
+layers, forward + backward, the plan's recomputation included), not taken from XLA's
+`cost_analysis()`, which on a GPU does not count cuDNN convolutions and counts a scan body
+once; its figure is printed alongside for reference. MFU = model FLOPs (the math without
+recomputation) / time / the chip's peak (a table of known chips, or --peak-tflops); HFU uses
+the FLOPs the plan executes. Frames/s: frames through the stem (B*T full video, B*K uniform).
+
+    python benchmarks/step_time.py --model resnet18 --width 8 --resolution 32 --frames 128
+    python benchmarks/step_time.py --model resnet50 --width 64 --resolution 224 --frames 256 \
+        --num-clusters 16 --batch-size 4 --dtype bfloat16
+
+Last line: one JSON object; lists are per row, in the order of "sampling".
 """
 
 from __future__ import annotations
@@ -34,18 +45,41 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from memory import make_batch, sgd_state, sgd_train_step  # noqa: E402  (benchmarks/memory.py)
+import trainer_step  # noqa: E402  (benchmarks/trainer_step.py)
 
-from fva_jax.models.full_video import FullVideoModel  # noqa: E402
-from fva_jax.models.resnet import normalize_images  # noqa: E402
+from fva_jax import experiment  # noqa: E402
+from fva_jax.models import flops as flop_count  # noqa: E402
+from fva_jax.models.full_video import choose_plan  # noqa: E402
+
+FORCED_PLANS = ("unchunked", "keep_stem", "recompute")
+# Dense peak TFLOP/s per chip by compute dtype (float32 convolutions run as TF32 on NVIDIA
+# tensor cores under XLA's default precision); matched against jax's device_kind.
+PEAK_TFLOPS = (
+    ("H100", {"bfloat16": 989.0, "float32": 494.7}),
+    ("H200", {"bfloat16": 989.0, "float32": 494.7}),
+    ("A100", {"bfloat16": 312.0, "float32": 156.0}),
+    ("TPU v4", {"bfloat16": 275.0}),
+    ("TPU v5 lite", {"bfloat16": 197.0}),
+    ("TPU v5p", {"bfloat16": 459.0}),
+    ("TPU v6 lite", {"bfloat16": 918.0}),
+)
 
 
-def flops(compiled) -> float:
+def peak_flops(device_kind: str, dtype: str, override_tflops: float) -> float | None:
+    """The chip's peak FLOP/s for `dtype`, or None where unknown (e.g. CPU)."""
+    if override_tflops > 0:
+        return override_tflops * 1e12
+    for name, peaks in PEAK_TFLOPS:
+        if name in device_kind and dtype in peaks:
+            return peaks[dtype] * 1e12
+    return None
+
+
+def xla_flops(compiled) -> float:
     ca = compiled.cost_analysis()
     ca = ca[0] if isinstance(ca, (list, tuple)) else ca
-    return float(ca.get("flops", float("nan")))
+    return float((ca or {}).get("flops", float("nan")))
 
 
 def main(argv=None):
@@ -55,108 +89,181 @@ def main(argv=None):
     p.add_argument("--model", default="resnet18", choices=["resnet18", "resnet50"])
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--resolution", type=int, default=64)
-    p.add_argument("--frames", type=int, default=128, help="frames per video (all valid)")
+    p.add_argument("--frames", type=int, default=128, help="frames per video T (all valid)")
     p.add_argument("--num-clusters", type=int, default=8)
     p.add_argument("--chunk-size", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument(
-        "--steps", type=int, default=5, help="timed steps per sampling (after one warm-up)"
-    )
+    p.add_argument("--batch-size", type=int, default=2, help="videos per step, all devices")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per row (after one warm-up)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument(
+        "--activation-budget-mb",
+        type=float,
+        default=-1.0,
+        help="model.activation_budget_mb for the chosen plan (-1: the device's default)",
+    )
+    p.add_argument(
+        "--plans",
+        default=",".join(FORCED_PLANS),
+        help="forced plans to time besides the chosen one (comma-separated; '' = none)",
+    )
+    p.add_argument(
+        "--peak-tflops", type=float, default=0.0, help="chip peak for MFU (0: known chips)"
+    )
+    p.add_argument(
+        "--fast-compile",
+        action="store_true",
+        help="config.fast_compile (XLA backend optimisation level 0): for smoke tests only",
+    )
     args = p.parse_args(argv)
+    forced = [x for x in args.plans.split(",") if x]
+    unknown = sorted(set(forced) - set(FORCED_PLANS))
+    if unknown:
+        p.error(f"--plans: unknown {unknown}; choose from {FORCED_PLANS}")
 
     dev = jax.devices()[0]
-    print(
-        f"device: {dev.device_kind} ({jax.default_backend()}), {args.model} width {args.width}, "
-        f"{args.resolution}px, T={args.frames}, K={args.num_clusters}, chunk {args.chunk_size}, "
-        f"batch {args.batch_size}, {args.dtype}"
-    )
-    common = dict(
-        num_classes=100,
-        backbone=args.model,
-        width=args.width,
-        num_clusters=args.num_clusters,
-        chunk_size=args.chunk_size,
-        dtype=jnp.dtype(args.dtype),
-    )
-    rng = np.random.default_rng(0)
-    shape = (args.batch_size, args.frames, args.resolution, args.resolution, 3)
-    videos = jnp.asarray(rng.integers(0, 256, shape, dtype=np.uint8))
-    mask = jnp.ones(shape[:2], bool)
-    labels = jnp.asarray(rng.integers(0, 100, (args.batch_size,)), jnp.int32)
-    batch = make_batch(videos, mask, labels)
 
-    models = {s: FullVideoModel(sampling=s, **common) for s in ("cluster", "uniform", "dense")}
-    variables = jax.jit(
-        lambda v, m: models["cluster"].init({"params": jax.random.key(0)}, v, m, train=False)
-    )(videos, mask)
-    state = sgd_state(variables)
-    steps, fl = {}, {}
-    for name, model in models.items():
-        t0 = time.time()
-        steps[name] = jax.jit(sgd_train_step(model)).lower(state, batch).compile()
-        fl[name] = flops(steps[name])
-        print(f"  compiled {name} in {time.time() - t0:.1f}s", file=sys.stderr)
-    raw_cluster = fl["cluster"]
-    unchunked = (
-        jax.jit(sgd_train_step(models["cluster"], "unchunked")).lower(state, batch).compile()
-    )
-    stem_fwd = (
-        jax.jit(
-            lambda vs, v: models["cluster"].apply(
-                vs,
-                normalize_images(v.reshape((-1,) + v.shape[2:]), common["dtype"]),
-                method=lambda m, x: m.stem(x, use_running_average=True),
+    def make_run(plan):
+        return trainer_step.make_run(
+            trainer_step.trainer_config(
+                model=args.model,
+                width=args.width,
+                resolution=args.resolution,
+                num_clusters=args.num_clusters,
+                chunk_size=args.chunk_size,
+                dtype=args.dtype,
+                batch_size=args.batch_size,
+                plan=plan,
+                activation_budget_mb=args.activation_budget_mb,
+                fast_compile=args.fast_compile,
             )
         )
-        .lower(variables, videos)
-        .compile()
-    )
-    fl["cluster"] = flops(unchunked) + 2 * flops(stem_fwd)
-    # The same clustered math without chunks or rematerialisation (memory O(T)): shows what the
-    # two passes and the scan cost in time.
-    steps["unchunked"], fl["unchunked"] = unchunked, flops(unchunked)
 
-    times = {name: [] for name in steps}
-    for step in steps.values():  # warm-up
-        jax.block_until_ready(step(state, batch))
+    auto = make_run("auto")
+    video_shape = (args.batch_size, args.frames, args.resolution, args.resolution, 3)
+    choice = choose_plan(auto.models["full"], video_shape)
+    chosen = choice.plan
+    runs = {x: make_run(x) for x in forced if x != chosen}
+    runs[chosen] = auto  # the "auto" model traces the chosen plan: the same program
+    print(
+        f"device: {dev.device_kind} ({jax.default_backend()}, {jax.device_count()} device(s)); "
+        f"{args.model} width {args.width}, {args.resolution}px, T={args.frames}, "
+        f"K={args.num_clusters}, chunk {args.chunk_size}, batch {args.batch_size}, {args.dtype}; "
+        f"optimizer {auto.config.optim.name} (the trainer's optax chain)"
+    )
+    print(f"chosen: {choice.describe()}")
+
+    rng = np.random.default_rng(0)
+    batches = {
+        "full": trainer_step.random_batch(auto, rng, args.batch_size, args.frames, args.resolution),
+        "sampled": trainer_step.random_batch(
+            auto, rng, args.batch_size, args.num_clusters, args.resolution
+        ),
+    }
+    state = experiment.init_state(auto)
+    # (row name, plan, data mode, run)
+    rows = [("cluster", chosen, "full", auto), ("uniform", None, "sampled", auto)]
+    rows += [(x, x, "full", runs[x]) for x in forced]
+    compiled, temp, counted, model_flops, raw = {}, {}, {}, {}, {}
+    for name, plan, mode, run in rows:
+        key = (plan, mode)
+        if key not in compiled:
+            t0 = time.time()
+            step_fn = experiment.jitted_train_steps(run)[mode]
+            compiled[key] = step_fn.lower(state, batches[mode]).compile()
+            print(f"  compiled {name} ({plan or mode}) in {time.time() - t0:.1f}s", file=sys.stderr)
+        c = compiled[key]
+        mem = c.memory_analysis()
+        temp[name] = int(mem.temp_size_in_bytes) if mem is not None else None
+        raw[name] = xla_flops(c)
+        model = run.models[mode]
+        shape = batches[mode]["video"].shape
+        f = flop_count.train_step_flops(model, shape, plan)
+        counted[name], model_flops[name] = f.total, f.model
+
+    keys = list(dict.fromkeys((plan, mode) for _, plan, mode, _ in rows))
+    times = {key: [] for key in keys}
+    for key in keys:  # warm-up
+        state, _ = compiled[key](state, batches[key[1]])
+    jax.block_until_ready(state)
     for _ in range(args.steps):
-        for name, step in steps.items():
+        for key in keys:
             t0 = time.perf_counter()
-            jax.block_until_ready(step(state, batch))
-            times[name].append(time.perf_counter() - t0)
-    med = {name: statistics.median(ts) for name, ts in times.items()}
-    accel = jax.default_backend() != "cpu"
+            state, metrics = compiled[key](state, batches[key[1]])
+            jax.block_until_ready((state, metrics))
+            times[key].append(time.perf_counter() - t0)
+    med = {name: statistics.median(times[(plan, mode)]) for name, plan, mode, _ in rows}
+    frames = {
+        name: args.batch_size * (args.frames if mode == "full" else args.num_clusters)
+        for name, _, mode, _ in rows
+    }
+    peak = peak_flops(dev.device_kind, args.dtype, args.peak_tflops)
+    peak_total = peak * jax.device_count() if peak else None
+
+    def pct(x):
+        return f"{100 * x:5.1f}%" if x is not None else "    -"
+
     print(
-        f"{'sampling':>9} {'time/uniform':>13} {'GFLOPs':>9} {'FLOPs/uniform':>14}"
-        + ("   ms/step" if accel else "")
+        f"{'row':>9} {'plan':>9} {'time/uniform':>12} {'FLOPs/uniform':>13} {'GFLOPs':>9} "
+        f"{'ms':>8} {'frames/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'HFU':>6} {'temp MiB':>9}"
     )
-    for name in steps:
-        line = (
-            f"{name:>9} {med[name] / med['uniform']:13.2f} {fl[name] / 1e9:9.2f} "
-            f"{fl[name] / fl['uniform']:14.2f}"
+    mfu, hfu = {}, {}
+    for name, plan, _, _ in rows:
+        t = med[name]
+        mfu[name] = model_flops[name] / t / peak_total if peak_total else None
+        hfu[name] = counted[name] / t / peak_total if peak_total else None
+        mem = f"{temp[name] / 2**20:9.1f}" if temp[name] is not None else f"{'-':>9}"
+        print(
+            f"{name:>9} {plan or '-':>9} {t / med['uniform']:12.2f} "
+            f"{counted[name] / counted['uniform']:13.2f} {counted[name] / 1e9:9.2f} "
+            f"{1e3 * t:8.1f} {frames[name] / t:9.0f} {counted[name] / t / 1e12:8.2f} "
+            f"{pct(mfu[name])} {pct(hfu[name])} {mem}"
         )
-        print(line + (f" {1e3 * med[name]:9.1f}" if accel else ""))
+    time_ratio = med["cluster"] / med["uniform"]
+    flops_ratio = counted["cluster"] / counted["uniform"]
     print(
-        f"(cluster raw cost_analysis, scan bodies counted once: {raw_cluster / 1e9:.2f} GFLOPs; "
-        f"unchunked step {flops(unchunked) / 1e9:.2f}, "
-        f"stem forward on all frames {flops(stem_fwd) / 1e9:.2f})"
+        f"cluster ({chosen}): time/uniform {time_ratio:.2f}, FLOPs/uniform {flops_ratio:.2f}: "
+        f"{time_ratio / flops_ratio:.2f}x what its FLOPs predict"
     )
+    print(
+        "(XLA cost_analysis GFLOPs, scan bodies counted once, no cuDNN convolutions on GPU: "
+        + ", ".join(f"{n} {raw[n] / 1e9:.2f}" for n, *_ in rows)
+        + ")"
+    )
+    if peak is None:
+        print(f"(MFU: no known peak for {dev.device_kind!r}; pass --peak-tflops)")
+    stats = dev.memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        print(f"peak device memory over the run: {stats['peak_bytes_in_use'] / 2**30:.2f} GiB")
+    names = [n for n, *_ in rows]
     out = {
         "device": dev.device_kind,
-        "sampling": list(steps),
-        "time_ratio_to_uniform": [med[n] / med["uniform"] for n in steps],
-        "flops": [fl[n] for n in steps],
+        "backend": jax.default_backend(),
+        "sampling": names,
+        "plan": [plan for _, plan, _, _ in rows],
+        "time_ratio_to_uniform": [med[n] / med["uniform"] for n in names],
+        "flops": [counted[n] for n in names],
+        "flops_ratio_to_uniform": [counted[n] / counted["uniform"] for n in names],
+        "model_flops": [model_flops[n] for n in names],
+        "xla_cost_analysis_flops": [raw[n] for n in names],
+        "ms_per_step": [1e3 * med[n] for n in names],
+        "frames_per_s": [frames[n] / med[n] for n in names],
+        "mfu": [mfu[n] for n in names],
+        "temp_bytes": [temp[n] for n in names],
+        "chosen_plan": chosen,
+        "plan_estimates_bytes": choice.estimates,
+        "activation_budget_bytes": choice.budget_bytes,
+        "peak_bytes_in_use": stats.get("peak_bytes_in_use"),
         "frames": args.frames,
         "num_clusters": args.num_clusters,
         "resolution": args.resolution,
         "model": args.model,
         "width": args.width,
         "batch_size": args.batch_size,
+        "chunk_size": args.chunk_size,
+        "dtype": args.dtype,
     }
-    if accel:
-        out["ms_per_step"] = [1e3 * med[n] for n in steps]
     print(json.dumps(out))
+    return out
 
 
 if __name__ == "__main__":
