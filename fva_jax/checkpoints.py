@@ -8,20 +8,34 @@ Layout of a workdir written by fva_jax.train:
   checkpoints/<step>/data           JSON: the data state {"epoch", "step"}, the host layout
                                     and the last step's training metrics
 
-The trainer uses `checkpoint_manager`, `save`, `restore`; tools (predict, visualize) use
-`load_run_config` and `restore_variables`, which need no config and no trainer.
+  checkpoints/corrupt-<step>-<time>  a checkpoint that could not be read, moved aside by
+                                    `restore_latest` (Orbax ignores the name)
+
+The trainer uses `checkpoint_manager`, `save`, `restore_latest`; tools (predict, visualize)
+use `load_run_config` and `restore_variables`, which need no config and no trainer.
+
+Faults: orbax writes a step into `<step>.orbax-checkpoint-tmp*` and renames it when complete,
+so a run killed while saving leaves the previous steps as they were. A save that fails for
+lack of space or permission raises fva_jax.faults.CheckpointWriteError naming the directory
+and the reason (its partial directory removed). A latest checkpoint that cannot be read
+(truncated array files, missing metadata) is moved aside with a warning, and the previous
+one restored.
 """
 
 import json
+import os
+import time
 from typing import Any
 
 import flax
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 
-from fva_jax import config_lib
+from fva_jax import config_lib, faults
 
 CONFIG_FILE = "config.json"
 DATASET_INFO_FILE = "dataset_info.json"
@@ -47,7 +61,64 @@ def save(
     the next batch, the same on every host), the host layout it was planned for, the last
     step's training metrics (so final_metrics.json is complete even if a restart only
     evaluates) and `epoch` (the trainer's description of the data state's epoch, e.g. its
-    mode and length, to check a resume against). A collective: every process calls it."""
+    mode and length, to check a resume against). A collective: every process calls it.
+
+    Raises fva_jax.faults.CheckpointWriteError when the file system refuses the write (no
+    space, no permission): the latest complete checkpoint is left as it was."""
+    try:
+        _save(mngr, step, state, data_state, last_train, epoch)
+    except Exception as error:  # pylint: disable=broad-except
+        found = faults.storage_error(error)
+        if found is None:
+            raise
+        code, reason = found
+        directory = str(mngr.directory)
+        _remove_partial_save(mngr.directory, step)
+        latest = _latest_complete_step(mngr, below=step)
+        kept = (
+            f"the latest complete checkpoint, step {latest}, is intact: free space (or fix the "
+            f"permissions) and run the same command again to resume from it"
+            if latest is not None
+            else "no earlier checkpoint exists: free space (or fix the permissions) and run the "
+            "same command again to start over"
+        )
+        raise faults.CheckpointWriteError(
+            f"cannot write checkpoint step {step} to {directory}: {errno_name(code)}, {reason}. "
+            f"Training stopped; {kept}",
+            errno_=code,
+            directory=directory,
+            latest_step=latest,
+        ) from error
+
+
+def errno_name(code: int) -> str:
+    import errno  # pylint: disable=g-import-not-at-top
+
+    return errno.errorcode.get(code, str(code))
+
+
+def _latest_complete_step(mngr: ocp.CheckpointManager, below: int) -> int | None:
+    try:
+        mngr.reload()
+        steps = [s for s in mngr.all_steps() if s < below]
+    except Exception:  # pylint: disable=broad-except  (only for the message)
+        return None
+    return max(steps) if steps else None
+
+
+def _remove_partial_save(directory, step: int) -> None:
+    """Removes what a failed save of `step` left (orbax's temporary directory), best effort:
+    on a full disk this frees the space it took."""
+    if jax.process_index() != 0:
+        return
+    for partial in epath.Path(directory).glob(f"{step}.orbax-checkpoint-tmp*"):
+        try:
+            partial.rmtree()
+        except OSError as e:
+            logging.warning("could not remove the partial checkpoint %s: %s", partial, e)
+
+
+def _save(mngr, step, state, data_state, last_train, epoch) -> None:
     mngr.save(
         step,
         args=ocp.args.Composite(
@@ -99,10 +170,106 @@ def restore(mngr: ocp.CheckpointManager, step: int, state):
     )
 
 
-def write_json(path: epath.Path, obj) -> None:
-    """Writes `obj` as JSON from process 0 only."""
+def restore_latest(mngr: ocp.CheckpointManager, state):
+    """(step, (state, data state, last_train, epoch)) of the latest checkpoint that can be
+    read, or (None, None) when there is none.
+
+    A checkpoint that cannot be read (an array file truncated, its metadata missing, ...) is
+    named in a warning, moved aside to `checkpoints/corrupt-<step>-<time>` (orbax would
+    refuse to write its step again, and ignores that name) and the previous one is tried. A
+    checkpoint that can be read but does not fit `state` (e.g. the model changed) is an
+    error, and nothing is moved. A collective: every process calls it.
+    """
+    while True:
+        step = mngr.latest_step()
+        if step is None:
+            return None, None
+        try:
+            return step, restore(mngr, step, state)
+        except Exception:  # pylint: disable=broad-except
+            reason = unreadable_reason(mngr.directory, step)
+            if reason is None:  # readable: the config, not the checkpoint, is at fault
+                raise
+        moved = _move_aside(mngr.directory, step)
+        mngr.reload()
+        previous = mngr.latest_step()
+        logging.warning(
+            "checkpoint step %d in %s cannot be read (%s); moved it to %s. %s",
+            step,
+            mngr.directory,
+            reason,
+            moved,
+            f"Resuming from the previous complete checkpoint, step {previous}."
+            if previous is not None
+            else "No complete checkpoint is left: training starts from the beginning.",
+        )
+
+
+def unreadable_reason(directory, step: int) -> str | None:
+    """Why checkpoint `step` in `directory` cannot be read, or None if it can (its data state
+    JSON, its state metadata and every array are read, onto the host)."""
+    step_dir = epath.Path(directory) / str(step)
+    checkpointer = None
+    try:
+        data = json.loads((step_dir / "data" / "metadata").read_text())
+        missing = [k for k in ("data_state", "process_count", "device_count") if k not in data]
+        if missing:
+            return f"{step_dir / 'data' / 'metadata'} lacks {missing}"
+        checkpointer = ocp.PyTreeCheckpointer()
+        meta = checkpointer.metadata(step_dir / "state")
+        tree = getattr(getattr(meta, "item_metadata", meta), "tree", None)
+        if tree is None:
+            tree = getattr(meta, "item_metadata", meta)
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        checkpointer.restore(step_dir / "state", restore_args=restore_args)
+    except Exception as error:  # pylint: disable=broad-except
+        return f"{type(error).__name__}: {str(error).strip()[:300]}"
+    finally:
+        if checkpointer is not None:
+            checkpointer.close()
+    return None
+
+
+def _move_aside(directory, step: int) -> epath.Path:
+    """checkpoints/<step> -> checkpoints/corrupt-<step>-<UTC time> (by process 0; the others
+    wait for it)."""
+    directory = epath.Path(directory)
+    target = directory / f"corrupt-{step}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    if jax.process_count() > 1:
+        # Every process decided from the same files; process 0's name (its clock) for all.
+        target = directory / _broadcast_name(target.name)
     if jax.process_index() == 0:
-        path.write_text(json.dumps(obj, indent=2, sort_keys=True))
+        (directory / str(step)).rename(target)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+        multihost_utils.sync_global_devices(f"fva_jax moved checkpoint {step} aside")
+    return target
+
+
+def _broadcast_name(name: str) -> str:
+    """Process 0's `name` on every process."""
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+    raw = np.zeros(128, np.uint8)
+    encoded = name.encode()[:128]
+    raw[: len(encoded)] = np.frombuffer(encoded, np.uint8)
+    raw = np.asarray(multihost_utils.broadcast_one_to_all(raw))
+    return bytes(raw[raw > 0]).decode()
+
+
+def write_json(path: epath.Path, obj) -> None:
+    """Writes `obj` as JSON from process 0 only, whole or not at all: into a temporary file
+    beside `path`, then renamed over it."""
+    if jax.process_index() == 0:
+        path = epath.Path(path)
+        tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+        try:
+            tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+            tmp.replace(path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
 
 
 def write_run_info(workdir, config: ml_collections.ConfigDict, info: dict[str, Any]) -> None:

@@ -207,6 +207,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.distributed.num_processes = -1  # -1 = let JAX detect it
     c.distributed.process_id = -1  # -1 = let JAX detect it
     c.distributed.cpu_collectives = "gloo"  # CPU-only multi-process runs (tests, laptops)
+    # Seconds without heartbeats after which JAX's coordination service declares a process
+    # lost and stops the others (jax.distributed.initialize's heartbeat_timeout_seconds; JAX's
+    # default is 100). It bounds how long the other processes of a run wait for a lost one.
+    c.distributed.heartbeat_timeout_s = 100
     return c
 
 
@@ -474,6 +478,7 @@ def validate_config(
     _int_at_least(config, "distributed.num_processes", -1)
     _int_at_least(config, "distributed.process_id", -1)
     _one_of(config, "distributed.cpu_collectives", ("gloo", "mpi", "none"))
+    _int_at_least(config, "distributed.heartbeat_timeout_s", 1)
 
     # Batches must split evenly: each host feeds batch/process_count examples, each device
     # batch/device_count.

@@ -53,6 +53,9 @@ def initialize_distributed(dist_config: ml_collections.ConfigDict) -> bool:
         kwargs["num_processes"] = dist_config.num_processes
     if dist_config.process_id >= 0:
         kwargs["process_id"] = dist_config.process_id
+    # A process whose heartbeats stop for this long is declared lost, and JAX's coordination
+    # service then terminates the others: the bound on waiting for a lost host.
+    kwargs["heartbeat_timeout_seconds"] = int(dist_config.heartbeat_timeout_s)
     jax.distributed.initialize(**kwargs)
     return True
 

@@ -11,16 +11,24 @@ Any config field can be overridden with --config.<group>.<field>=VALUE. A misspe
 name (fva_jax.config_lib.check_overrides) or a bad value (config_lib.validate_config) ends the
 program before any work with one line on stderr naming the field, the value and the fix, and
 exit status 2. Training resumes from WORKDIR/checkpoints by itself.
+
+Exit statuses (fva_jax.faults): 0 done; 1 an unexpected error (traceback); 2 a config error;
+75 stopped by SIGTERM (preemption) after checkpointing the step reached: run the same command
+again to resume; 74 a checkpoint could not be written (no space, no permission; the latest
+complete one is intact); 69 another process of a multi-process run was lost (start all again:
+they resume from the latest checkpoint). Each of 69, 74, 75 prints one line on stderr.
 """
 
 import json
+import multiprocessing
+import os
 import sys
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from fva_jax import config_lib, distributed
+from fva_jax import config_lib, distributed, faults
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file (configs/<name>.py) with get_config().", lock_config=True
@@ -64,13 +72,45 @@ def _parse_flags(argv):
     return app.parse_flags_with_usage(argv)
 
 
+def _stop(message: str, status: int) -> None:
+    """One line on stderr (and in the log), then exit `status`."""
+    logging.error("%s", message)
+    print(f"fva_jax.main: {message}", file=sys.stderr, flush=True)
+    sys.exit(status)
+
+
+def _exit_lost_process(error: faults.LostProcessError) -> None:
+    """Exits at once: a normal exit would wait in jax.distributed's shutdown barrier for the
+    lost process and abort there (after the heartbeat timeout). Data worker processes are
+    stopped first, log and output streams flushed."""
+    logging.error("%s", error)
+    print(f"fva_jax.main: {error}", file=sys.stderr, flush=True)
+    for child in multiprocessing.active_children():
+        child.kill()
+    logging.flush()
+    sys.stdout.flush()
+    os._exit(faults.EXIT_LOST_PROCESS)  # pylint: disable=protected-access
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
+    run_with_exit_statuses(lambda: _main(_CONFIG.value))
+
+
+def run_with_exit_statuses(work) -> None:
+    """work(); its config errors and faults end the program with their exit status (see the
+    module docstring) and one line on stderr."""
     try:
-        _main(_CONFIG.value)
+        work()
     except config_lib.ConfigError as error:
         _exit_on_config_error(error, sys.argv)
+    except faults.Preempted as stop:
+        _stop(str(stop), faults.EXIT_PREEMPTED)
+    except faults.CheckpointWriteError as error:
+        _stop(str(error), faults.EXIT_CHECKPOINT_WRITE_FAILED)
+    except faults.LostProcessError as error:
+        _exit_lost_process(error)
 
 
 def _main(config):
@@ -99,7 +139,9 @@ def _main(config):
     else:
         from fva_jax.data import pipeline  # pylint: disable=g-import-not-at-top
 
-        info = pipeline.dataset_info(config.data)
+        # SIGTERM stops the build at once; TFDS removes its unfinished files.
+        with faults.StopNotice() as notice, notice.interruptible("the data set build"):
+            info = pipeline.dataset_info(config.data)
         logging.info(
             "Data set %s/%s ready: %d classes, examples per split %s",
             config.data.name,

@@ -49,7 +49,7 @@ from absl import logging
 from etils import epath
 from jax.experimental.compilation_cache import compilation_cache
 
-from fva_jax import checkpoints, experiment, steps, summaries
+from fva_jax import checkpoints, experiment, faults, steps, summaries
 from fva_jax.distributed import initialize_distributed, to_host
 from fva_jax.evaluation import eval_modes, evaluate_state
 from fva_jax.experiment import Run
@@ -191,63 +191,104 @@ def train_and_evaluate(
         TrainData and EvalData classes.
       model_cls: the model class, called as model_cls(num_classes=N, **config.model)
         (default: fva_jax.models.full_video.FullVideoModel).
-      on_step: called with the step number after each step (and its checkpoint, if any).
+      on_step: called with the step number after each step (and its periodic checkpoint, if
+        any; before a checkpoint written because of SIGTERM).
 
     Returns:
       dict(step=int, train={last step's metrics}, eval={...}, eval_uniform={...} if enabled);
       the same dict is written to workdir/final_metrics.json by process 0.
+
+    Raises:
+      fva_jax.faults.Preempted: SIGTERM stopped the run (see fva_jax.faults): during
+        training after checkpointing the step it reached; during the set-up or an
+        evaluation at once, the latest checkpoint complete. Running again resumes.
+      fva_jax.faults.CheckpointWriteError: a checkpoint could not be written (no space, no
+        permission); the latest complete one is intact.
+      fva_jax.faults.LostProcessError: another process of a multi-process run was lost.
     """
     initialize_distributed(config.distributed)
-    with compilation_cache_for(config, workdir):
-        run = experiment.make_run(
-            config,
-            workdir,
-            data or _default_data(),
-            model_cls or _default_model_cls(),
-            training=True,
-        )
+    with faults.StopNotice() as notice, compilation_cache_for(config, workdir):
+        with notice.interruptible("the set-up (data set, model)"):
+            run = experiment.make_run(
+                config,
+                workdir,
+                data or _default_data(),
+                model_cls or _default_model_cls(),
+                training=True,
+            )
+        status = {"last_saved": None}  # the latest complete checkpoint, for messages
         try:
-            return _train_and_evaluate(run, on_step)
+            return _train_and_evaluate(run, on_step, notice, status)
+        except Exception as error:  # pylint: disable=broad-except
+            lost = faults.lost_process_error(
+                error, latest_step=status["last_saved"], directory=run.workdir / "checkpoints"
+            )
+            if lost is None:
+                raise
+            raise lost from error
         finally:
             close = getattr(run.train_data, "close", None)
             if close is not None:
                 close()
 
 
-def _train_and_evaluate(run: Run, on_step) -> dict[str, Any]:
+def _until_data_fails_after_sigterm(items: Iterator, notice: faults.StopNotice) -> Iterator:
+    """`items`; but when reading the next one fails after SIGTERM was received (data workers
+    that the same signal killed while they were starting, before they ignore it), the end."""
+    items = iter(items)
+    while True:
+        try:
+            item = next(items)
+        except StopIteration:
+            return
+        except Exception as error:  # pylint: disable=broad-except
+            if not notice.received:
+                raise
+            logging.warning("reading data failed after SIGTERM (%s); stopping", error)
+            return
+        yield item
+
+
+def _train_and_evaluate(run: Run, on_step, notice: faults.StopNotice, status) -> dict[str, Any]:
     c, workdir, plan = run.config, run.workdir, run.plan
-    if jax.process_index() == 0:
-        workdir.mkdir(parents=True, exist_ok=True)
-    logging.info(
-        "fva_jax: %d steps: %s; %d videos per sampled step, full-video steps of up to %d "
-        "frames per device; %d devices / %d processes, %d classes",
-        plan.total_steps,
-        plan.describe(),
-        c.train.batch_size,
-        c.data.frames_per_device,
-        jax.device_count(),
-        jax.process_count(),
-        run.num_classes,
-    )
-    checkpoints.write_run_info(workdir, c, run.info)
-
-    state = experiment.init_state(run)
+    ckpt_dir = workdir / "checkpoints"
+    with notice.interruptible("the set-up (model, checkpoints)"):
+        if jax.process_index() == 0:
+            workdir.mkdir(parents=True, exist_ok=True)
+        logging.info(
+            "fva_jax: %d steps: %s; %d videos per sampled step, full-video steps of up to %d "
+            "frames per device; %d devices / %d processes, %d classes",
+            plan.total_steps,
+            plan.describe(),
+            c.train.batch_size,
+            c.data.frames_per_device,
+            jax.device_count(),
+            jax.process_count(),
+            run.num_classes,
+        )
+        with notice.deferred():  # whole files or none
+            checkpoints.write_run_info(workdir, c, run.info)
+        state = experiment.init_state(run)
     mngr = checkpoints.checkpoint_manager(workdir, c.checkpoint.keep)
-    last_train = {}
-    last_saved = mngr.latest_step()
-    if last_saved is not None:
-        # The checkpoint already holds the (fine-tuned) weights: train.init_from is not re-applied.
-        state, data_state, last_train, saved_epoch = checkpoints.restore(mngr, last_saved, state)
-        if last_saved <= plan.total_steps:
-            _check_data_state(run, data_state, saved_epoch, last_saved, workdir / "checkpoints")
-        logging.info("Resumed from checkpoint step %d in %s", last_saved, workdir / "checkpoints")
-    elif c.train.init_from:
-        state = experiment.load_pretrained(run, state)
-    start = int(to_host(state.step))
-
     writer = summaries.SummaryWriter(workdir if jax.process_index() == 0 else None)
-    # Closed also when a step fails (NaN loss, an exception in on_step).
+    # Closed also when a step fails (NaN loss, an exception in on_step, SIGTERM).
     with contextlib.closing(writer), contextlib.closing(mngr):
+        last_train = {}
+        with notice.interruptible(f"restoring from {ckpt_dir}"):
+            last_saved, restored = checkpoints.restore_latest(mngr, state)
+        status["last_saved"] = last_saved
+        if restored is not None:
+            # The checkpoint already holds the (fine-tuned) weights: train.init_from is not
+            # re-applied.
+            state, data_state, last_train, saved_epoch = restored
+            if last_saved <= plan.total_steps:
+                _check_data_state(run, data_state, saved_epoch, last_saved, ckpt_dir)
+            logging.info("Resumed from checkpoint step %d in %s", last_saved, ckpt_dir)
+        elif c.train.init_from:
+            with notice.interruptible("loading train.init_from"):
+                state = experiment.load_pretrained(run, state)
+        start = int(to_host(state.step))
+
         if start == 0:
             writer.write_hparams(summaries.flatten_hparams(c.to_dict()))
         train_steps, eval_steps = (
@@ -266,6 +307,35 @@ def _train_and_evaluate(run: Run, on_step) -> dict[str, Any]:
                 )
             return results
 
+        def save(step: int, epoch, i: int) -> None:
+            nonlocal last_saved
+            data_state = {"epoch": epoch.index, "step": i + 1}
+            checkpoints.save(mngr, step, state, data_state, last_train, _epoch_info(epoch))
+            last_saved = status["last_saved"] = step
+
+        def checkpoint_and_stop(done) -> faults.Preempted:
+            """Checkpoints `done`, the last step trained (unless it is checkpointed), and
+            returns the Preempted exception that stops the run."""
+            nonlocal last_train
+            if done is not None and done[0] != last_saved:
+                checked = [(s, to_host(m)) for s, m in pending]
+                _check_finite(checked, last_saved, workdir)  # nothing non-finite is saved
+                if checked:
+                    last_train = {k: float(v) for k, v in checked[-1][1].compute().items()}
+                save(*done)
+            where = (
+                f"checkpoint step {last_saved} in {ckpt_dir}"
+                if last_saved is not None
+                else f"nothing checkpointed in {ckpt_dir}"
+            )
+            message = (
+                f"stopped by SIGTERM at step {done[0] if done else start} of "
+                f"{plan.total_steps}, {notice.seconds_since():.1f} s after the signal; {where}. "
+                "Run the same command again to resume"
+            )
+            logging.warning("%s", message)
+            return faults.Preempted(message, last_saved)
+
         batches = experiment.prefetch_to_devices(
             _train_batches(run, start),
             lambda item: (*item[:2], experiment.global_batch(run, item[2])),
@@ -273,10 +343,15 @@ def _train_and_evaluate(run: Run, on_step) -> dict[str, Any]:
         pending: list[
             tuple[int, steps.TrainMetrics]
         ] = []  # per-step metrics not yet checked/written
-        for epoch, i, batch in batches:
+        done = None  # (step, epoch, i) of the last step trained
+        stop = False  # SIGTERM: checkpoint `done` and stop
+        if notice.received:  # one process: SIGTERM came after the last interruptible part
+            raise checkpoint_and_stop(None)
+        for epoch, i, batch in _until_data_fails_after_sigterm(batches, notice):
             step = epoch.first_step + i + 1  # optimizer steps done after this one
             state, m = train_steps[epoch.mode](state, batch)
             pending.append((step, m))
+            done = (step, epoch, i)
 
             is_last = step == plan.total_steps
             do_log = step % c.train.log_every_steps == 0 or is_last
@@ -291,24 +366,33 @@ def _train_and_evaluate(run: Run, on_step) -> dict[str, Any]:
                 last_train = {k: float(v) for k, v in pending[-1][1].compute().items()}
                 pending = []
             if do_eval:
-                evaluate_and_write(step, state)
+                try:
+                    # Only time is lost: the state is checkpointed below either way (a restart
+                    # does not repeat this evaluation).
+                    with notice.interruptible(f"the evaluation at step {step}"):
+                        evaluate_and_write(step, state)
+                except faults.Preempted:
+                    stop = True
             if do_save:
-                checkpoints.save(
-                    mngr,
-                    step,
-                    state,
-                    {"epoch": epoch.index, "step": i + 1},
-                    last_train,
-                    _epoch_info(epoch),
-                )
-                last_saved = step
+                save(step, epoch, i)
             if on_step is not None:
                 on_step(step)
+            if notice.reached(step) or stop:  # every step, on every process
+                stop = True
+                break
+        if not stop and notice.received and (done[0] if done else start) < plan.total_steps:
+            stop = True  # the data ended early after SIGTERM
+        if stop:
+            raise checkpoint_and_stop(done)
 
         if start >= plan.total_steps:
             logging.info("Training already finished at step %d; evaluating only.", start)
         final = {"step": int(to_host(state.step)), "train": last_train}
-        final.update(evaluate_and_write(final["step"], state))
+        with notice.interruptible(
+            f"the final evaluation (checkpoint step {last_saved} is complete: the same command "
+            "evaluates it again)"
+        ):
+            final.update(evaluate_and_write(final["step"], state))
     checkpoints.write_json(workdir / "final_metrics.json", final)
     logging.info("FINAL_METRICS %s", json.dumps(final, sort_keys=True))
     return final
@@ -317,9 +401,15 @@ def _train_and_evaluate(run: Run, on_step) -> dict[str, Any]:
 def evaluate(
     config: ml_collections.ConfigDict, workdir: str, *, data: Any = None, model_cls: Any = None
 ) -> dict[str, Any]:
-    """Evaluates the latest checkpoint in workdir; writes workdir/eval_metrics.json."""
+    """Evaluates the latest checkpoint in workdir; writes workdir/eval_metrics.json.
+
+    SIGTERM (one process) raises fva_jax.faults.Preempted at once; nothing is written then."""
     initialize_distributed(config.distributed)
-    with compilation_cache_for(config, workdir):
+    with (
+        faults.StopNotice() as notice,
+        notice.interruptible("the evaluation"),
+        compilation_cache_for(config, workdir),
+    ):
         run = experiment.make_run(
             config,
             workdir,
@@ -343,6 +433,7 @@ def evaluate(
             ),
         }
         mngr.close()
-    checkpoints.write_json(run.workdir / "eval_metrics.json", results)
+        with notice.deferred():
+            checkpoints.write_json(run.workdir / "eval_metrics.json", results)
     logging.info("EVAL_METRICS %s", json.dumps(results, sort_keys=True))
     return results

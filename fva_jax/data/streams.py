@@ -13,11 +13,19 @@ No shuffle buffer holds videos: at most `max_steps_in_memory` steps exist at onc
 A `Stream` is one running iterator with the global step it stands at, so a training stream
 runs on across epoch boundaries (workers started once, steps of the next epoch prefetched);
 an `EpochIterator` hands out one epoch's steps of it, then StopIteration.
+
+Worker processes ignore SIGTERM and SIGINT: a scheduler that signals the whole process group
+(preemption) must not kill them before the trainer has finished its step and checkpoint;
+the trainer stops them (`TrainData.close`, the end of an evaluation, or at the latest at
+interpreter exit, where workers nobody stopped are killed: multiprocessing's own exit would
+send them SIGTERM and wait for them forever).
 """
 
 from __future__ import annotations
 
+import atexit
 import math
+import signal
 import weakref
 from typing import Iterator
 
@@ -60,7 +68,8 @@ def grain_iterator(reader, start: int, stop: int, num_workers: int, prefetch: in
             grain.MultiprocessingOptions(
                 num_workers=num_workers,
                 per_worker_buffer_size=_worker_buffer(num_workers, prefetch),
-            )
+            ),
+            worker_init_fn=_worker_ignores_termination,
         )
     else:
         # In this process: one background thread reads `prefetch` steps ahead (0: none).
@@ -71,10 +80,36 @@ def grain_iterator(reader, start: int, stop: int, num_workers: int, prefetch: in
     return iter(ds)
 
 
+def _worker_ignores_termination(worker_index: int, worker_count: int) -> None:
+    """In each Grain worker process, first: SIGTERM / SIGINT sent to the whole process group
+    (a preemption notice, Ctrl-C) are left to the trainer, which stops its workers itself."""
+    del worker_index, worker_count
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def close_iterator(iterator) -> None:
     close = getattr(iterator, "close", None)
     if close is not None:
         close()
+
+
+# Finalizers of the streams with worker processes; `_stop_workers_at_exit` runs the live ones.
+_WORKER_STREAMS: set = set()
+
+
+def _stop_workers_at_exit() -> None:
+    """At interpreter exit, before multiprocessing's own exit handler (which sends worker
+    processes SIGTERM, which ours ignore, and then waits for them without a timeout): stops
+    the streams still open, then kills any Grain worker process left."""
+    import multiprocessing  # pylint: disable=g-import-not-at-top
+
+    for finalizer in list(_WORKER_STREAMS):
+        finalizer()
+    for process in multiprocessing.active_children():
+        if process.name.startswith("grain-"):
+            process.kill()
+            process.join(timeout=10)
 
 
 class Stream:
@@ -86,6 +121,14 @@ class Stream:
         self.stop = stop
         self._iterator = grain_iterator(reader, start, stop, num_workers, prefetch)
         self._finalizer = weakref.finalize(self, close_iterator, self._iterator)
+        if num_workers > 0:
+            # (Re)registered after multiprocessing's exit handler (Grain imported it), so it
+            # runs before that one: atexit runs the last registered first.
+            atexit.unregister(_stop_workers_at_exit)
+            atexit.register(_stop_workers_at_exit)
+            for dead in [f for f in _WORKER_STREAMS if not f.alive]:
+                _WORKER_STREAMS.discard(dead)
+            _WORKER_STREAMS.add(self._finalizer)
 
     def next(self) -> dict:
         batch = next(self._iterator)
