@@ -3,9 +3,9 @@
 Procedural videos (sparse_events "small": 256 train / 64 test videos of 48-128 frames,
 64x64, 6 classes) whose class shows in only 4 consecutive frames, so uniformly sampled
 frames usually miss it while the full-video model sees every frame. A ResNet-18 of width 8
-at 32 px with K=8 slope clusters trains (32 epochs, 2 of them with uniform sampling) and
-evaluates on 2 CPU cores in minutes (building the data set: ~10 s); see the measurements
-next to the fields below and benchmarks/demo_comparison.sh for the baselines over 3 seeds:
+at 32 px with K=8 clusters trains (16 epochs: 2 of uniform sampling, 32 steps each, then 14
+of full videos, 27 steps each) and evaluates in about 5 minutes on 2 CPU cores (building the
+data set included):
 
   python -m fva_jax.main --config=configs/demo.py --workdir=/tmp/fva_demo
   tensorboard --logdir=/tmp/fva_demo
@@ -39,24 +39,17 @@ def get_config():
     config.model.width = 8
     config.model.num_clusters = 8
     config.model.chunk_size = 32
-    # Slope clustering: the event's onset and end are the two largest frame-to-frame
-    # distances, so the 4 event frames get a segment of their own (32 of 32 test videos in
-    # benchmarks/event_isolation.py); cumulative clustering spreads the video's change evenly
-    # and merges them with background. Measured (16 epochs, seed 0): slope 73.4 %, cumulative
-    # 50.0 % test top-1.
-    config.model.cluster_method = "slope"
     config.model.dropout_rate = 0.2
 
     # Trained from scratch (no ImageNet weights): AdamW learns this tiny network much faster
     # than the paper's SGD fine-tuning recipe. Measured on full-video cumulative training:
-    # SGD lr 0.05, 10 epochs 29.7% test top-1; AdamW 10 epochs 45.3%; AdamW 16 epochs 50.0%.
+    # SGD lr 0.05, 10 epochs 29.7% test top-1; AdamW 10 epochs 45.3%; AdamW 16 epochs 50.0%
+    # (history: the tf.data pipeline with fixed batches of 8, commit 4d8e4c7). With planned
+    # batches (commit 4c2600a) this file gave 79.7% (seed 0, 318 s). Slope clustering
+    # with 32 epochs gave 100% on seeds 0-2 with the old pipeline (commit 095debe) but 75.0%
+    # with planned batches (seed 0, commit f779e73): not adopted until re-tuned.
     config.train.batch_size = 8
-    # 32 epochs: at 16 the network still underfits (train top-1 ~0.8 at the end, test 73-75 %
-    # with lr 0.003 or 0.01). Measured at 32 epochs (1024 steps of batch 8, commit 095debe's
-    # library with this file): test top-1 100.0 % with seeds 0, 1 and 2 (config.seed), the
-    # same weights with uniform test sampling 48.4 / 56.2 / 64.1 %; 800-900 s wall each, but
-    # on a machine at load average 6-10 (other jobs); ~240 s for 16 epochs at load 2-4.
-    config.train.num_epochs = 32.0
+    config.train.num_epochs = 16.0
     config.train.log_every_steps = 32
     # As in the paper, start with uniform sampling: it also calibrates the stem's BatchNorm
     # statistics, which full-video training keeps frozen (docs/DESIGN.md §2).
