@@ -27,7 +27,13 @@ One readable loop in the style of big_vision / flax examples/imagenet:
 * evaluation of every video of the eval split once: whole videos ("eval"; and, with
   config.eval.also_uniform, K uniformly chosen frames, "eval_uniform"), or K frames for the
   sampling baselines; `workdir/final_metrics.json` (training) or `eval_metrics.json`
-  (evaluate).
+  (evaluate);
+* faults (fva_jax.faults): SIGTERM finishes the step in flight, checkpoints it and exits 75;
+  a checkpoint that cannot be written stops with 74; a lost process ends the others with 69;
+  an unreadable latest checkpoint is moved aside and the previous one restored.
+
+The module is a little over 400 lines because the loop and `evaluate` each wrap their work in
+the fault handling above; the jobs around them live in the modules named here.
 
 Test seam: `train_and_evaluate(..., data=..., model_cls=..., on_step=...)` accept replacements
 for the data module (anything with dataset_info, TrainData, EvalData of the
