@@ -507,11 +507,13 @@ def test_two_processes_sigterm_then_a_lost_process_then_both_resume(
     compile), started three times in one workdir:
 
     1. process 1 gets SIGTERM after step 1: JAX's preemption sync point stops both at the
-       same step, both checkpoint it together and exit with status 75;
+       same step (2-4, as JAX's coordination decides), both checkpoint it together and exit
+       with status 75;
     2. both resume from it; process 1 dies (SIGKILL) after step 4: process 0 exits with
        status 69 and one line saying a process was lost and where the run resumes, well
        within distributed.heartbeat_timeout_s, instead of aborting in JAX's shutdown barrier;
-    3. both resume from checkpoint 3 and finish with the same metrics.
+    3. both resume from the latest checkpoint (3, or the sync step if later) and finish with
+       the same metrics.
     """
     heartbeat_s = 30
     runner = tmp_path / "runner.py"
@@ -567,7 +569,10 @@ def test_two_processes_sigterm_then_a_lost_process_then_both_resume(
     stopped = [re.findall(r"fva_jax.main: stopped by SIGTERM at step (\d+)", log) for log in logs]
     assert stopped[0] == stopped[1] and len(stopped[0]) == 1, logs[0][-3000:]
     synced = int(stopped[0][0])
-    assert 2 <= synced <= 3 and checkpoint_steps(workdir) == [synced]
+    # JAX picks the sync step; under load process 0 may run a step further ahead.
+    assert 2 <= synced <= 4
+    assert checkpoint_steps(workdir) == sorted({synced} | ({3} if synced > 3 else set()))
+    latest = max(synced, 3)  # phase 2 adds the periodic checkpoint 3 if it stopped earlier
 
     # 2. Process 1 lost.
     procs = start("SIGKILL", after=4, start_step=synced)
@@ -587,13 +592,13 @@ def test_two_processes_sigterm_then_a_lost_process_then_both_resume(
     lines = stderr_lines(survivor_log)
     assert len(lines) == 1, survivor_log[-3000:]
     assert "process 0 of 2: another process of this run was lost (" in lines[0]
-    assert f"they resume from checkpoint step 3 in {workdir / 'checkpoints'}" in lines[0]
+    assert f"they resume from checkpoint step {latest} in {workdir / 'checkpoints'}" in lines[0]
 
     # 3. Both again, nobody fails.
-    procs = start("SIGKILL", after=100, start_step=3)
+    procs = start("SIGKILL", after=100, start_step=latest)
     logs = finish(procs)
     for p, log in zip(procs, logs):
         assert p.returncode == 0, log[-4000:]
-        assert "Resumed from checkpoint step 3" in log
+        assert f"Resumed from checkpoint step {latest}" in log
     finals = [json.loads(re.findall(r"FINAL_METRICS (\{.*\})", log)[-1]) for log in logs]
     assert finals[0] == finals[1] and finals[0]["step"] == 6
