@@ -95,20 +95,7 @@ def main(argv=None):
     frames = [int(f) for f in args.frames.split(",")]
 
     def make_run(plan):
-        return trainer_step.make_run(
-            trainer_step.trainer_config(
-                model=args.model,
-                width=args.width,
-                resolution=args.resolution,
-                num_clusters=args.num_clusters,
-                chunk_size=args.chunk_size,
-                dtype=args.dtype,
-                batch_size=args.batch_size,
-                plan=plan,
-                activation_budget_mb=args.activation_budget_mb,
-                fast_compile=args.fast_compile,
-            )
-        )
+        return trainer_step.run_from_args(args, plan)
 
     runs = {plan: make_run(plan) for plan in ("auto", "recompute", "unchunked", "keep_stem")}
     print(

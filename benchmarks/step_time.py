@@ -123,20 +123,7 @@ def main(argv=None):
     dev = jax.devices()[0]
 
     def make_run(plan):
-        return trainer_step.make_run(
-            trainer_step.trainer_config(
-                model=args.model,
-                width=args.width,
-                resolution=args.resolution,
-                num_clusters=args.num_clusters,
-                chunk_size=args.chunk_size,
-                dtype=args.dtype,
-                batch_size=args.batch_size,
-                plan=plan,
-                activation_budget_mb=args.activation_budget_mb,
-                fast_compile=args.fast_compile,
-            )
-        )
+        return trainer_step.run_from_args(args, plan)
 
     auto = make_run("auto")
     video_shape = (args.batch_size, args.frames, args.resolution, args.resolution, 3)

@@ -87,6 +87,26 @@ def make_run(config: ml_collections.ConfigDict) -> experiment.Run:
     return experiment.make_run(config, "/tmp/unused", NO_DATA, FullVideoModel, training=True)
 
 
+def run_from_args(args, plan: str) -> experiment.Run:
+    """The trainer's run for the command-line arguments that step_time.py and memory.py share
+    (model, width, resolution, num_clusters, chunk_size, dtype, batch_size,
+    activation_budget_mb, fast_compile), with model.plan = `plan`."""
+    return make_run(
+        trainer_config(
+            model=args.model,
+            width=args.width,
+            resolution=args.resolution,
+            num_clusters=args.num_clusters,
+            chunk_size=args.chunk_size,
+            dtype=args.dtype,
+            batch_size=args.batch_size,
+            plan=plan,
+            activation_budget_mb=args.activation_budget_mb,
+            fast_compile=args.fast_compile,
+        )
+    )
+
+
 def random_batch(run: experiment.Run, rng, batch: int, frames: int, resolution: int) -> dict:
     """Whole videos (every frame valid) on the devices, sharded as the trainer's batches."""
     return experiment.global_batch(
