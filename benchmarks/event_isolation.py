@@ -21,9 +21,10 @@ import json
 import jax.numpy as jnp
 import numpy as np
 
-from fva_jax import checkpoints, clustering, clustering_tools
+from fva_jax import clustering
 from fva_jax.data import sparse_events
-from fva_jax.tools import predict, visualize
+from fva_jax.tools import clustering_tools, predict, visualize
+from fva_jax.training import checkpoints
 
 
 def event_purity(segment_ids: np.ndarray, start: int, length: int) -> float:

@@ -154,7 +154,7 @@ import clu.metrics, grain, ml_collections, simplejpeg, array_record, tensorflow_
 for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "tensorflow-datasets", "grain"):
     print(name, m.version(name))
 print("devices:", jax.devices(), jax.devices()[0].memory_stats())
-import fva_jax.train  # noqa: the trainer imports
+import fva_jax.training.train  # noqa: the trainer imports
 EOF
 }
 

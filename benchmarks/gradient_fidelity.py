@@ -36,10 +36,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fva_jax import clustering, steps  # noqa: E402
+from fva_jax import clustering  # noqa: E402
 from fva_jax.data.video import decode_video, find_sample_video  # noqa: E402
 from fva_jax.models.full_video import FullVideoModel, uniform_indices  # noqa: E402
 from fva_jax.models.resnet import normalize_images  # noqa: E402
+from fva_jax.training import steps
 
 
 def uniform_running_stem(module, videos, mask, u, *, train):
@@ -92,7 +93,7 @@ def grad_fn(model, method=None, train=True):
             "label": label,
             "batch_mask": jnp.ones(label.shape, bool),
         }
-        # The trainer's own loss (fva_jax.steps), gradient w.r.t. the parameters.
+        # The trainer's own loss (fva_jax.training.steps), gradient w.r.t. the parameters.
         _, g = steps.loss_and_grads(
             variables["params"],
             variables["batch_stats"],

@@ -2,7 +2,7 @@
 activation budget chooses per T.
 
 For each T, compiles (lower + compile only: nothing is allocated or run) the trainer's own
-training step (`fva_jax.experiment.jitted_train_steps`: the config's optax chain, the mesh
+training step (`fva_jax.training.experiment.jitted_train_steps`: the config's optax chain, the mesh
 shardings; forward + backward + update; batch of --batch-size videos) and prints
 ``compiled.memory_analysis().temp_size_in_bytes`` for
 
@@ -41,8 +41,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax  # noqa: E402
 import trainer_step  # noqa: E402  (benchmarks/trainer_step.py)
 
-from fva_jax import experiment  # noqa: E402
 from fva_jax.models.full_video import choose_plan  # noqa: E402
+from fva_jax.training import experiment  # noqa: E402
 
 
 def temp_bytes(run, mode: str, frames: int, args) -> int:

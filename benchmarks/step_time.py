@@ -1,10 +1,10 @@
 """Wall time, frames/s and MFU of the trainer's own training step, by sampling and memory plan.
 
-What is timed is what `fva_jax.train` runs: the config's optimizer (`fva_jax.optim`: the
-paper's SGD recipe with clipping, weight decay, momentum and classifier learning-rate
-multipliers), `fva_jax.steps.train_step` jitted with the trainer's mesh shardings and state
-donation (`fva_jax.experiment.make_run` + `jitted_train_steps`), on batches already on the
-devices. Rows:
+What is timed is what `fva_jax.training.train` runs: the config's optimizer
+(`fva_jax.training.optim`: the paper's SGD recipe with clipping, weight decay, momentum and
+classifier learning-rate multipliers), `fva_jax.training.steps.train_step` jitted with the
+trainer's mesh shardings and state donation (`fva_jax.training.experiment.make_run` +
+`jitted_train_steps`), on batches already on the devices. Rows:
 
   cluster    the full-video step (mode "full") with model.plan="auto": the plan the budget
              (--activation-budget-mb; -1 = the device's default) chooses for this shape;
@@ -48,9 +48,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import trainer_step  # noqa: E402  (benchmarks/trainer_step.py)
 
-from fva_jax import experiment  # noqa: E402
 from fva_jax.models import flops as flop_count  # noqa: E402
 from fva_jax.models.full_video import choose_plan  # noqa: E402
+from fva_jax.training import experiment  # noqa: E402
 
 FORCED_PLANS = ("unchunked", "keep_stem", "recompute")
 # Dense peak TFLOP/s per chip by compute dtype (float32 convolutions run as TF32 on NVIDIA

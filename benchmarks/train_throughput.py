@@ -2,7 +2,7 @@
 
 Two phases on the same config, the same steps (shapes, masks) and the same jitted steps:
 
-  trainer    `fva_jax.train.train_and_evaluate` itself (Grain workers reading, decoding and
+  trainer    `fva_jax.training.train.train_and_evaluate` itself (Grain workers reading, decoding and
              augmenting whole videos, the batches put on the devices ahead of the step, the
              metrics, the TensorBoard writer), stopped after step N (before the final
              evaluation, through its `on_step` hook);
@@ -46,9 +46,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fva_jax import config_lib, experiment, train  # noqa: E402
+from fva_jax import config_lib  # noqa: E402
 from fva_jax.data import pipeline  # noqa: E402
 from fva_jax.models.full_video import FullVideoModel, choose_plan  # noqa: E402
+from fva_jax.training import experiment, train
 
 
 class _WindowEnd(Exception):

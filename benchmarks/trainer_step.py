@@ -1,9 +1,10 @@
 """The trainer's own training step for benchmarks: a config from benchmark arguments, and a
-`fva_jax.experiment.Run` built from it without opening a data set.
+`fva_jax.training.experiment.Run` built from it without opening a data set.
 
 `make_run(config)` is `experiment.make_run` (the config's optax chain and schedule, the
 models of both data modes, the mesh shardings) with a stand-in data module, so
-`experiment.jitted_train_steps(run)[mode]` is exactly what `fva_jax.train` jits: mode "full"
+`experiment.jitted_train_steps(run)[mode]` is exactly what `fva_jax.training.train` jits:
+mode "full"
 (whole videos, the configured model and memory plan) and mode "sampled" (K host-chosen
 frames per video, the model with sampling="uniform").
 """
@@ -22,8 +23,9 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fva_jax import config_lib, experiment  # noqa: E402
+from fva_jax import config_lib  # noqa: E402
 from fva_jax.models.full_video import FullVideoModel  # noqa: E402
+from fva_jax.training import experiment
 
 NUM_CLASSES = 100
 

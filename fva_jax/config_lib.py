@@ -195,7 +195,7 @@ def default_config() -> ml_collections.ConfigDict:
     # With model.sampling "cluster": also evaluate the same network on K uniformly sampled
     # frames ("eval_uniform") to compare.
     c.eval.also_uniform = True
-    # TensorBoard pictures of the clusters (fva_jax.timeline.render_timeline) of the first
+    # TensorBoard pictures of the clusters (fva_jax.training.timeline.render_timeline) of the first
     # eval videos, at every evaluation; 0 disables.
     c.eval.num_timeline_videos = 2
 

@@ -12,7 +12,7 @@ name (fva_jax.config_lib.check_overrides) or a bad value (config_lib.validate_co
 program before any work with one line on stderr naming the field, the value and the fix, and
 exit status 2. Training resumes from WORKDIR/checkpoints by itself.
 
-Exit statuses (fva_jax.faults): 0 done; 1 an unexpected error (traceback); 2 a config error;
+Exit statuses (training.faults): 0 done; 1 an unexpected error (traceback); 2 a config error;
 75 stopped by SIGTERM (preemption) after checkpointing the step reached: run the same command
 again to resume; 74 a checkpoint could not be written (no space, no permission; the latest
 complete one is intact); 69 another process of a multi-process run was lost (start all again:
@@ -28,7 +28,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from fva_jax import config_lib, distributed, faults
+from fva_jax import config_lib
+from fva_jax.training import distributed, faults
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file (configs/<name>.py) with get_config().", lock_config=True
@@ -117,7 +118,7 @@ def _main(config):
     # Names and values are checked before anything starts (and before the trainer is
     # imported); device counts once JAX is up. Training imports no TensorFlow.
     config_lib.validate_config(config)
-    from fva_jax import train  # pylint: disable=g-import-not-at-top
+    from fva_jax.training import train  # pylint: disable=g-import-not-at-top
 
     distributed.initialize_distributed(config.distributed)
 

@@ -54,7 +54,7 @@ def main() -> None:
         sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
         import recorded_pipeline  # pylint: disable=g-import-not-at-top
 
-        from fva_jax import train  # pylint: disable=g-import-not-at-top
+        from fva_jax.training import train  # pylint: disable=g-import-not-at-top
 
         train._default_data = lambda: recorded_pipeline  # pylint: disable=protected-access
     jax.config.config_with_absl()

@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import optax
 import pytest
 
-from fva_jax import steps
 from fva_jax.models import flops
 from fva_jax.models.full_video import FullVideoModel
 from fva_jax.models.resnet import ResNetStem
+from fva_jax.training import steps
 
 BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
 

@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fva_jax import clustering as C
-from fva_jax import clustering_tools
+from fva_jax.tools import clustering_tools
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HYP = settings(max_examples=25, deadline=None, derandomize=True)

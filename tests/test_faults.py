@@ -1,4 +1,4 @@
-"""Faults (fva_jax.faults): SIGTERM (preemption), a full disk, a lost process, a corrupt
+"""Faults (fva_jax.training.faults): SIGTERM (preemption), a full disk, a lost process, a corrupt
 latest checkpoint.
 
 The real data pipeline on the generated sparse_events "tiny" set (12 train / 6 test videos
@@ -26,10 +26,11 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
-from fva_jax import checkpoints, config_lib, experiment, faults, train
+from fva_jax import config_lib
 from fva_jax import main as fva_main
 from fva_jax.data import builders, pipeline
 from fva_jax.data import sparse_events as se
+from fva_jax.training import checkpoints, experiment, faults, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TOTAL_STEPS = 9  # 3 sampled + 6 full-video
@@ -472,7 +473,7 @@ _RUNNER = """
 import os, signal
 import jax
 from absl import app
-from fva_jax import experiment
+from fva_jax.training import experiment
 from fva_jax import main as fva_main
 
 fault, after = os.environ["FVA_FAULT"], int(os.environ["FVA_FAULT_AFTER"])

@@ -1,4 +1,4 @@
-"""Tests for importing torchvision weights: the safe reader (fva_jax.weights_io), the
+"""Tests for importing torchvision weights: the safe reader (fva_jax.models.weights_io), the
 torchvision <-> flax mapping and merging (fva_jax.models.resnet_weights), the CLI
 (fva_jax.tools.import_weights).
 
@@ -30,8 +30,7 @@ import safetensors.numpy
 import torch_references as refs
 from flax import traverse_util
 
-from fva_jax import weights_io
-from fva_jax.models import full_video, resnet
+from fva_jax.models import full_video, resnet, weights_io
 from fva_jax.models import resnet_weights as rw
 from fva_jax.tools import import_weights
 
@@ -323,7 +322,7 @@ def test_corrupt_safetensors_is_named(tmp_path):
 
 
 def test_cli_module_reexports_the_loaders(tmp_path, r18):
-    """The trainer (fva_jax.experiment, config.train.init_from) calls resnet_weights'
+    """The trainer (fva_jax.training.experiment, config.train.init_from) calls resnet_weights'
     load_pretrained / merge_pretrained; the CLI module re-exports the same functions for
     scripts, and load() is the two in one."""
     for name in ("load_pretrained", "merge_pretrained", "save_pretrained", "WeightsError"):

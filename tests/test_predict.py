@@ -15,10 +15,11 @@ import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
-from fva_jax import checkpoints, config_lib, steps
+from fva_jax import config_lib
 from fva_jax.data import video as video_lib
 from fva_jax.models import full_video
 from fva_jax.tools import predict, user_video
+from fva_jax.training import checkpoints, steps
 
 NUM_FRAMES = 37  # longer than the run's cap (16) and not a multiple of its chunk size (8)
 CLASS_NAMES = ["walk", "jump", "wave"]
@@ -48,7 +49,7 @@ def _frame_folder(path, frames):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """(workdir, model, variables) of a run trained on clips capped at 16 frames and strided by
-    2, as fva_jax.train leaves it: config.json, dataset_info.json, checkpoints/<step>/."""
+    2, as fva_jax.training.train leaves it: config.json, dataset_info.json, checkpoints/<step>/."""
     config = config_lib.default_config()
     config.data.update(max_frames=16, frame_stride=2, resize_short=24, crop_size=16)
     config.model.update(

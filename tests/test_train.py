@@ -35,9 +35,12 @@ import pytest
 import recorded_pipeline
 from jax.experimental.compilation_cache import compilation_cache
 
-from fva_jax import (
+from fva_jax import config_lib
+from fva_jax.data import builders, frames, pipeline
+from fva_jax.data import records as records_lib
+from fva_jax.models.full_video import FullVideoModel
+from fva_jax.training import (
     checkpoints,
-    config_lib,
     distributed,
     epochs,
     experiment,
@@ -45,9 +48,6 @@ from fva_jax import (
     steps,
     train,
 )
-from fva_jax.data import builders, frames, pipeline
-from fva_jax.data import records as records_lib
-from fva_jax.models.full_video import FullVideoModel
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SAMPLED_STEPS, FULL_STEPS = 3, 10
@@ -877,7 +877,7 @@ def test_init_from_errors_name_the_problem(data_dir, tmp_path):
 
 
 def test_cluster_timelines_written_to_tensorboard(full_run):
-    from fva_jax import timeline
+    from fva_jax.training import timeline
 
     config, workdir, _, _ = full_run
     events = read_events(workdir)

@@ -1,5 +1,5 @@
-"""Tests for fva_jax.timeline and fva_jax.tools.visualize: pixel values of the rendered timeline
-follow the segments."""
+"""Tests for fva_jax.training.timeline and fva_jax.tools.visualize: pixel values of the rendered
+timeline follow the segments."""
 
 import json
 
@@ -10,10 +10,11 @@ import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
-from fva_jax import checkpoints, clustering, config_lib, steps, timeline
+from fva_jax import clustering, config_lib
 from fva_jax.data import video as video_lib
 from fva_jax.models import full_video, resnet
 from fva_jax.tools import visualize as vis
+from fva_jax.training import checkpoints, steps, timeline
 
 SEG = np.array([0] * 7 + [1] * 5 + [2] * 10 + [3] * 8)
 SCENE_GRAY = (30, 90, 150, 210)
@@ -227,7 +228,7 @@ def test_workdir_checkpoint_stem_gives_the_models_segments(tmp_path, cut_video):
         ).astype(np.float32),
         shapes,
     )
-    # The layout fva_jax.train writes: config.json, dataset_info.json, checkpoints/.
+    # The layout fva_jax.training.train writes: config.json, dataset_info.json, checkpoints/.
     config = _model_config(
         backbone="resnet18", width=8, num_clusters=3, cluster_method="cumulative", chunk_size=8
     )

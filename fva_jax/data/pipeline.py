@@ -1,7 +1,7 @@
 """Input pipeline: whole videos from TFDS ArrayRecord files, planned globally, read by Grain.
 
 `dataset_info(config.data)`, and `TrainData` / `EvalData` (one per process): the data API the
-trainer reads (fva_jax/train.py; tests pass a fake with the same names).
+trainer reads (fva_jax/training/train.py; tests pass a fake with the same names).
 
 No TensorFlow: records are read at random through ArrayRecord (the files TFDS's
 `data_source` reads; `records.py`), parsed with TFDS's own `tf_example_pb2` protos, and their

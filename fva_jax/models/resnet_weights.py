@@ -11,7 +11,7 @@ is dropped; conv kernels OIHW -> HWIO; the fc matrix is transposed.
 ``params`` and ``batch_stats`` under fva_jax's names without the ``stem``/``trunk`` level
 (which stages are in the stem depends on the cluster point), keys like
 ``params/layer1_0/conv1/kernel``, plus ``__meta__`` (JSON: arch, source file). It is read with
-``numpy.load(..., allow_pickle=False)``. Files are read by ``fva_jax.weights_io``, which never
+``numpy.load(..., allow_pickle=False)``. Files are read by ``models.weights_io``, which never
 runs code from them.
 """
 
@@ -28,9 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from fva_jax import weights_io
-from fva_jax.models import resnet
-from fva_jax.weights_io import WeightsError
+from fva_jax.models import resnet, weights_io
+from fva_jax.models.weights_io import WeightsError
 
 PRETRAINED_FILENAME = "pretrained.npz"
 ARCHS = ("resnet18", "resnet50")

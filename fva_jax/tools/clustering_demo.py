@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from fva_jax import clustering
-from fva_jax.clustering_tools import chunked_sign_bits, segments_of
 from fva_jax.data import video as video_lib
+from fva_jax.tools.clustering_tools import chunked_sign_bits, segments_of
 
 # ImageNet statistics: centre the pixels so the random filters see both signs.
 _MEAN = np.array([0.485, 0.456, 0.406], np.float32)

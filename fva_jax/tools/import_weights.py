@@ -9,7 +9,7 @@ names, independent of the cluster point. Start training from it with
 
 This file is the command line only. The work is done by
 
-* ``fva_jax.weights_io``: reads ``.pth`` (torch's zip and legacy formats, with an unpickler
+* ``fva_jax.models.weights_io``: reads ``.pth`` (torch's zip and legacy formats, with an unpickler
   that refuses everything but tensors), ``.safetensors`` and ``.npz`` without torch;
 * ``fva_jax.models.resnet_weights``: torchvision's names -> fva_jax's, the
   ``pretrained.npz`` file, ``merge_pretrained`` into a model's variables.
@@ -40,7 +40,7 @@ from fva_jax.models.resnet_weights import (
     pretrained_arch,
     save_pretrained,
 )
-from fva_jax.weights_io import WeightsError, read_state_dict
+from fva_jax.models.weights_io import WeightsError, read_state_dict
 
 __all__ = [
     "ARCHS",

@@ -86,7 +86,7 @@ def padded_length(num_frames: int, chunk_size: int) -> int:
 def segments(segment_ids: np.ndarray, stride: int = 1) -> list[tuple[int, int, int, int]]:
     """(segment id, first source frame, last source frame, number of frames) of every
     non-empty segment, in id order; segment_ids (T,) of the valid frames."""
-    from fva_jax.clustering_tools import segments_of
+    from fva_jax.tools.clustering_tools import segments_of
 
     ids = np.asarray(segment_ids)
     return [
@@ -101,8 +101,8 @@ class Predictor:
     def __init__(self, workdir, step: int | None = None):
         import jax  # pylint: disable=g-import-not-at-top
 
-        from fva_jax import checkpoints, steps  # pylint: disable=g-import-not-at-top
         from fva_jax.models.full_video import FullVideoModel  # pylint: disable=g-import-not-at-top
+        from fva_jax.training import checkpoints, steps  # pylint: disable=g-import-not-at-top
 
         self.config, info = checkpoints.load_run_config(workdir)
         self.class_names = list(info["class_names"])

@@ -19,8 +19,8 @@ cluster point, running BatchNorm statistics) of the latest checkpoint of a run t
 ``fva_jax.main``: exactly the activations the model clusters. Backbone, width, cluster
 point and compute dtype come from the run's ``config.json``.
 
-The picture is drawn by ``fva_jax.timeline.render_timeline``, which also draws the trainer's
-TensorBoard pictures of the clusters.
+The picture is drawn by ``fva_jax.training.timeline.render_timeline``, which also draws the
+trainer's TensorBoard pictures of the clusters.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from fva_jax.timeline import render_timeline, save_png
 from fva_jax.tools import user_video
+from fva_jax.training.timeline import render_timeline, save_png
 
 # ----------------------------------------------------------------------------- features
 
@@ -95,11 +95,11 @@ def load_checkpoint_stem(
 ) -> tuple[Callable, str]:
     """(feature function uint8 (n, H, W, 3) -> (n, F), description) from ``workdir/checkpoints``.
 
-    Reads the latest step (or ``step``) written by ``fva_jax.train``, and the model's
+    Reads the latest step (or ``step``) written by ``fva_jax.training.train``, and the model's
     configuration from the run's ``config.json``.
     """
-    from fva_jax import checkpoints
     from fva_jax.models import resnet
+    from fva_jax.training import checkpoints
 
     config, _ = checkpoints.load_run_config(workdir)
     state, step = checkpoints.restore_variables(workdir, step)
@@ -153,8 +153,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Writes the picture; returns dict(out=path, segment_ids, distances, frames=T)."""
-    from fva_jax import clustering, clustering_tools
+    from fva_jax import clustering
     from fva_jax.data import video as video_lib
+    from fva_jax.tools import clustering_tools
 
     args = parse_args(argv)
     try:

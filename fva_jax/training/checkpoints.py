@@ -1,6 +1,6 @@
 """A run directory on disk: checkpoints while training, and reading a finished run back.
 
-Layout of a workdir written by fva_jax.train:
+Layout of a workdir written by fva_jax.training.train:
 
   config.json, dataset_info.json   the run's config and {num_classes, class_names,
                                     num_examples} (CONFIG_FILE, DATASET_INFO_FILE)
@@ -16,7 +16,7 @@ use `load_run_config` and `restore_variables`, which need no config and no train
 
 Faults: orbax writes a step into `<step>.orbax-checkpoint-tmp*` and renames it when complete,
 so a run killed while saving leaves the previous steps as they were. A save that fails for
-lack of space or permission raises fva_jax.faults.CheckpointWriteError naming the directory
+lack of space or permission raises fva_jax.training.faults.CheckpointWriteError naming the directory
 and the reason (its partial directory removed). A latest checkpoint that cannot be read
 (truncated array files, missing metadata) is moved aside with a warning, and the previous
 one restored.
@@ -35,7 +35,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from fva_jax import config_lib, faults
+from fva_jax import config_lib
+from fva_jax.training import faults
 
 CONFIG_FILE = "config.json"
 DATASET_INFO_FILE = "dataset_info.json"
@@ -63,7 +64,7 @@ def save(
     evaluates) and `epoch` (the trainer's description of the data state's epoch, e.g. its
     mode and length, to check a resume against). A collective: every process calls it.
 
-    Raises fva_jax.faults.CheckpointWriteError when the file system refuses the write (no
+    Raises fva_jax.training.faults.CheckpointWriteError when the file system refuses the write (no
     space, no permission): the latest complete checkpoint is left as it was."""
     try:
         _save(mngr, step, state, data_state, last_train, epoch)
@@ -311,7 +312,7 @@ def restore_variables(workdir, step: int | None = None) -> tuple[dict[str, Any],
             raise FileNotFoundError(f"no checkpoint step in {ckpt_dir} (an unfinished first save?)")
     state_dir = ckpt_dir / str(step) / "state"
     if not state_dir.is_dir():
-        raise FileNotFoundError(f"no checkpoint {state_dir} (written by fva_jax.train)")
+        raise FileNotFoundError(f"no checkpoint {state_dir} (written by fva_jax.training.train)")
     # Restore onto this machine's first device, whatever devices the run was trained on.
     checkpointer = ocp.StandardCheckpointer()
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

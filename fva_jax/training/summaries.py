@@ -5,7 +5,7 @@
   imports it, and so does tensorboard's own writer when it is installed), each scalar line
   also logged; only process 0 writes files;
 * evaluation scalars, the config as hparams, and pictures of the clusters of a few
-  evaluation videos (drawn by fva_jax.timeline with matplotlib, imported only when one is
+  evaluation videos (drawn by fva_jax.training.timeline with matplotlib, imported only when one is
   drawn; timeline does not import this module or the trainer).
 """
 
@@ -27,7 +27,7 @@ from tensorboard.plugins.text import metadata as text_metadata
 from tensorboard.summary.writer.record_writer import RecordWriter
 from tensorboard.util import tensor_util
 
-from fva_jax import distributed
+from fva_jax.training import distributed
 
 
 class _EventFile:
@@ -168,11 +168,11 @@ def timeline_inputs(
 
 
 def write_timelines(writer, step: int, timelines, num_clusters: int, class_names) -> None:
-    """One TensorBoard image per video, "clusters/video<i>": fva_jax.timeline.render_timeline
+    """One TensorBoard image per video, "clusters/video<i>": timeline.render_timeline
     of its frames and segment ids (the model returns no distances, so no curve)."""
     if not timelines:
         return
-    from fva_jax import timeline  # pylint: disable=g-import-not-at-top  (matplotlib: lazy)
+    from fva_jax.training import timeline  # pylint: disable=g-import-not-at-top  (matplotlib: lazy)
 
     def name(k):
         return class_names[k] if k < len(class_names) else str(k)

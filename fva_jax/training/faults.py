@@ -8,7 +8,7 @@
   own): every process then asks `multihost_utils.reached_preemption_sync_point(step)`, which
   turns true at the same step on every host, and they checkpoint that step together.
 * A checkpoint that cannot be written (no space, no permission): `CheckpointWriteError`
-  (fva_jax.checkpoints), naming the directory and the reason.
+  (fva_jax.training.checkpoints), naming the directory and the reason.
 * A lost process of a multi-process run: `LostProcessError`, from the failed collective
   (`lost_process_error`).
 

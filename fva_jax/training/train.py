@@ -10,17 +10,17 @@ One readable loop in the style of big_vision / flax examples/imagenet:
   the videos' lengths, so steps have different shapes (one per length bucket): `jax.jit`
   compiles each shape once, and JAX's persistent compilation cache (config.compilation_cache_dir,
   by default WORKDIR/compilation_cache) lets a restarted run reuse them;
-* epochs (fva_jax.epochs): the first config.train.uniform_warmup_epochs train on K
+* epochs (fva_jax.training.epochs): the first config.train.uniform_warmup_epochs train on K
   host-chosen frames per video (mode "sampled", the model run with sampling="uniform", which
   on K valid frames takes each once), the rest on full videos (mode "full", the configured
   model); configs with sampling "uniform" / "dense" train every epoch sampled. The learning
   rate's epochs are converted with the step at which each epoch really starts;
-* fva_jax.steps.train_step / eval_step, jitted here with the shardings, the state donated; the
+* training.steps.train_step / eval_step, jitted here with the shardings, the state donated; the
   loss is the mean over the step's real videos, so every step weighs the same;
-* checkpoints (fva_jax.checkpoints) every config.checkpoint.every_steps and at the end, with
+* checkpoints (training.checkpoints) every config.checkpoint.every_steps and at the end, with
   the data state {"epoch", "step"}: a run killed at any moment and restarted with the same
   command ends with exactly the metrics of an uninterrupted one;
-* TensorBoard events and log lines without TensorFlow (fva_jax.summaries), a progress line
+* TensorBoard events and log lines without TensorFlow (fva_jax.training.summaries), a progress line
   with steps/s and ETA;
 * a NaN/Inf training loss stops the run with `FloatingPointError` before anything non-finite
   is checkpointed;
@@ -28,7 +28,7 @@ One readable loop in the style of big_vision / flax examples/imagenet:
   config.eval.also_uniform, K uniformly chosen frames, "eval_uniform"), or K frames for the
   sampling baselines; `workdir/final_metrics.json` (training) or `eval_metrics.json`
   (evaluate);
-* faults (fva_jax.faults): SIGTERM finishes the step in flight, checkpoints it and exits 75;
+* faults (training.faults): SIGTERM finishes the step in flight, checkpoints it and exits 75;
   a checkpoint that cannot be written stops with 74; a lost process ends the others with 69;
   an unreadable latest checkpoint is moved aside and the previous one restored.
 
@@ -55,10 +55,10 @@ from absl import logging
 from etils import epath
 from jax.experimental.compilation_cache import compilation_cache
 
-from fva_jax import checkpoints, experiment, faults, steps, summaries
-from fva_jax.distributed import initialize_distributed, to_host
-from fva_jax.evaluation import eval_modes, evaluate_state
-from fva_jax.experiment import Run
+from fva_jax.training import checkpoints, experiment, faults, steps, summaries
+from fva_jax.training.distributed import initialize_distributed, to_host
+from fva_jax.training.evaluation import eval_modes, evaluate_state
+from fva_jax.training.experiment import Run
 
 
 class _TrainProgress:
@@ -205,12 +205,12 @@ def train_and_evaluate(
       the same dict is written to workdir/final_metrics.json by process 0.
 
     Raises:
-      fva_jax.faults.Preempted: SIGTERM stopped the run (see fva_jax.faults): during
+      fva_jax.training.faults.Preempted: SIGTERM stopped the run (see training.faults): during
         training after checkpointing the step it reached; during the set-up or an
         evaluation at once, the latest checkpoint complete. Running again resumes.
-      fva_jax.faults.CheckpointWriteError: a checkpoint could not be written (no space, no
+      fva_jax.training.faults.CheckpointWriteError: a checkpoint could not be written (no space, no
         permission); the latest complete one is intact.
-      fva_jax.faults.LostProcessError: another process of a multi-process run was lost.
+      fva_jax.training.faults.LostProcessError: another process of a multi-process run was lost.
     """
     initialize_distributed(config.distributed)
     with faults.StopNotice() as notice, compilation_cache_for(config, workdir):
@@ -409,7 +409,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """Evaluates the latest checkpoint in workdir; writes workdir/eval_metrics.json.
 
-    SIGTERM (one process) raises fva_jax.faults.Preempted at once; nothing is written then."""
+    SIGTERM (one process) raises faults.Preempted at once; nothing is written then."""
     initialize_distributed(config.distributed)
     with (
         faults.StopNotice() as notice,

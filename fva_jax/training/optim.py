@@ -72,7 +72,7 @@ def make_schedule(
     """Linear warm-up from 0 over schedule.warmup_epochs, then cosine/step/constant.
 
     epoch_to_step: the step at which a (fractional) number of epochs is reached
-    (fva_jax.epochs.EpochPlan.epoch_to_step): epochs of the uniform warm-up and of full
+    (fva_jax.training.epochs.EpochPlan.epoch_to_step): epochs of the uniform warm-up and of full
     videos have different numbers of steps, so epochs are converted with the real step at
     which each starts. The cosine decays from the end of the warm-up to total_steps.
     """

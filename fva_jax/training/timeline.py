@@ -8,7 +8,7 @@ and a band of one colour per segment.
 
 ``render_timeline(frames, distances, segment_ids)`` returns it as a uint8 array, drawn with
 matplotlib (imported only when a picture is drawn); ``save_png`` writes it. The trainer's
-TensorBoard pictures (fva_jax.summaries) and the ``visualize`` tool both draw with it, so it
+TensorBoard pictures (training.summaries) and the ``visualize`` tool both draw with it, so it
 imports neither of them.
 """
 

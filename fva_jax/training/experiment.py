@@ -6,7 +6,7 @@ reach the devices.
   model; mode "sampled": the same with sampling="uniform", which on K host-chosen valid frames
   takes each frame once), the optimizer and schedule, the mesh shardings;
 * `init_state`, `load_pretrained`: the TrainState;
-* `jitted_train_steps` / `jitted_eval_steps`: fva_jax.steps jitted with the shardings, by
+* `jitted_train_steps` / `jitted_eval_steps`: fva_jax.training.steps jitted with the shardings, by
   data mode (each compiles once per batch shape);
 * `global_batch`, `prefetch_to_devices`: NumPy rows of this process -> global arrays, put on
   the devices ahead of the step that uses them.
@@ -26,8 +26,9 @@ import optax
 from absl import logging
 from etils import epath
 
-from fva_jax import config_lib, optim, steps
-from fva_jax.epochs import EpochPlan
+from fva_jax import config_lib
+from fva_jax.training import optim, steps
+from fva_jax.training.epochs import EpochPlan
 
 _BATCH_KEYS = ("video", "mask", "label", "batch_mask")
 

@@ -15,9 +15,9 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from fva_jax import steps, summaries
-from fva_jax.distributed import to_host
-from fva_jax.experiment import Run, global_batch, prefetch_to_devices
+from fva_jax.training import steps, summaries
+from fva_jax.training.distributed import to_host
+from fva_jax.training.experiment import Run, global_batch, prefetch_to_devices
 
 
 def eval_modes(config: ml_collections.ConfigDict) -> dict[str, str]:
