@@ -72,6 +72,26 @@ def test_builds_official_layout(tmp_path, name, config, class_names):
         assert listed == {vid: t for vid, (_, t, _) in exp.items()}
 
 
+def test_something_something_v2_reads_both_label_layouts(tmp_path):
+    """Today's labels zip unpacks to labels/{labels,train,validation}.json; the older release
+    named them something-something-v2-*.json. Both build the same set; neither names both."""
+    built = {}
+    for layout in ("current", "older"):
+        manual = tmp_path / layout / "manual"
+        expected = data_fakes.write_something_something_v2(manual, labels_layout=layout)
+        b = _build("something_something_v2", "default", tmp_path / layout, manual)
+        assert b.info.features["label"].names == data_fakes.SS_CLASSES
+        for split, exp in expected["default"].items():
+            _check_split(b, split, exp)
+        built[layout] = {s: sorted(_read(b, s)) for s in ("train", "validation")}
+    assert built["current"] == built["older"]
+    (tmp_path / "current" / "manual" / "labels" / "train.json").unlink()
+    with pytest.raises(builders.MissingDataError) as e:
+        _build("something_something_v2", "default", tmp_path / "none", tmp_path / "current/manual")
+    assert "labels/train.json" in str(e.value)
+    assert "something-something-v2-train.json" in str(e.value)
+
+
 def test_breakfast_other_split_and_storage_resize(tmp_path):
     expected = data_fakes.write_breakfast(tmp_path / "manual")
     b = _build("breakfast", "s3", tmp_path, tmp_path / "manual")
