@@ -151,6 +151,17 @@ def test_corrupt_file_stops_or_is_skipped(tmp_path, capsys):
     assert b.skipped["train"] == [str(bad)]
 
 
+def test_skipped_videos_are_all_named(tmp_path, capsys):
+    """With skip_corrupt, the split's summary names every skipped video, however many."""
+    b = builders.get_builder("ucf101", "split1", str(tmp_path), skip_corrupt=True)
+    paths = [f"/data/UCF-101/X/v_X_g{i:02d}_c01.avi" for i in range(25)]
+    results = [(p, VideoDecodeError(p, "no video stream")) for p in paths]
+    skipped = []
+    assert list(b._collect("train", results, skipped)) == [] and skipped == paths
+    out = capsys.readouterr().out
+    assert "ucf101/split1/train: 0 videos, 25 corrupt skipped: " + ", ".join(paths) in out
+
+
 def test_unknown_name_and_config():
     with pytest.raises(ValueError, match="known: sparse_events"):
         builders.get_builder("kinetics")
