@@ -109,7 +109,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.crop_size = 224
     c.data.crop_scales = (1.0, 0.875, 0.75, 0.66)  # TSM multi-scale crop
     c.data.hflip = True
-    c.data.skip_corrupt = True
+    # A video that cannot be decoded stops the build (the trainer's automatic build and
+    # `python -m fva_jax.data.build` alike), naming it: a set with videos left out is not the
+    # official set. True skips such videos and prints how many and which.
+    c.data.skip_corrupt = False
     # Full-video steps are planned from the videos' lengths (fva_jax/data/batch_plan.py):
     # videos grouped into length buckets (padded lengths, multiples of model.chunk_size), a
     # step holding max(1, frames_per_device // bucket) videos per device (a video longer than

@@ -30,7 +30,8 @@ case "$cmd" in
   train|eval|prepare)
     [[ $# -ge 2 ]] || usage
     config="$1" workdir="$2"; shift 2
-    # tf.data must not grab GPU memory (main.py also hides the GPUs from TensorFlow).
+    # Training imports no TensorFlow; building a missing data set may (TFDS's writer), and
+    # the tensorflow-cpu of requirements.txt sees no GPU. TF_CPP_MIN_LOG_LEVEL quiets its logs.
     exec env TF_CPP_MIN_LOG_LEVEL=2 "$VENV/bin/python" -m fva_jax.main --mode="$cmd" \
       --config="$config" --workdir="$workdir" "$@"
     ;;

@@ -288,14 +288,22 @@ def write_something_something_v1(root) -> dict:
     return {"default": out}
 
 
-def write_something_something_v2(root) -> dict:
-    """20bn-something-something-v2/<id>.webm +
-    something-something-v2-{labels,train,validation,test}.json."""
+_SS2_LABEL_FILES = ("labels", "train", "validation", "test")
+
+
+def write_something_something_v2(root, labels_layout="current") -> dict:
+    """20bn-something-something-v2/<id>.webm + the label files as today's labels zip unpacks,
+    labels/{labels,train,validation,test}.json, or with labels_layout="older" as the older
+    release named them, something-something-v2-{labels,train,validation,test}.json."""
     root = pathlib.Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    (root / "something-something-v2-labels.json").write_text(
-        json.dumps({c: str(i) for i, c in enumerate(SS_CLASSES)})
-    )
+    if labels_layout == "current":
+        (root / "labels").mkdir(exist_ok=True)
+        labels_json = {k: root / "labels" / f"{k}.json" for k in _SS2_LABEL_FILES}
+    else:
+        assert labels_layout == "older", labels_layout
+        labels_json = {k: root / f"something-something-v2-{k}.json" for k in _SS2_LABEL_FILES}
+    labels_json["labels"].write_text(json.dumps({c: str(i) for i, c in enumerate(SS_CLASSES)}))
     templates = {
         0: "Approaching [something] with your camera",
         1: "Holding [something] next to [something]",
@@ -319,9 +327,9 @@ def write_something_something_v2(root) -> dict:
                 }
             )
             exp[f"{vid}.webm"] = (label, t, grey)
-        (root / f"something-something-v2-{split}.json").write_text(json.dumps(entries))
+        labels_json[split].write_text(json.dumps(entries))
         out[split] = exp
-    (root / "something-something-v2-test.json").write_text(json.dumps([{"id": "1"}]))
+    labels_json["test"].write_text(json.dumps([{"id": "1"}]))
     return {"default": out}
 
 

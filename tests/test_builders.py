@@ -72,6 +72,26 @@ def test_builds_official_layout(tmp_path, name, config, class_names):
         assert listed == {vid: t for vid, (_, t, _) in exp.items()}
 
 
+def test_something_something_v2_reads_both_label_layouts(tmp_path):
+    """Today's labels zip unpacks to labels/{labels,train,validation}.json; the older release
+    named them something-something-v2-*.json. Both build the same set; neither names both."""
+    built = {}
+    for layout in ("current", "older"):
+        manual = tmp_path / layout / "manual"
+        expected = data_fakes.write_something_something_v2(manual, labels_layout=layout)
+        b = _build("something_something_v2", "default", tmp_path / layout, manual)
+        assert b.info.features["label"].names == data_fakes.SS_CLASSES
+        for split, exp in expected["default"].items():
+            _check_split(b, split, exp)
+        built[layout] = {s: sorted(_read(b, s)) for s in ("train", "validation")}
+    assert built["current"] == built["older"]
+    (tmp_path / "current" / "manual" / "labels" / "train.json").unlink()
+    with pytest.raises(builders.MissingDataError) as e:
+        _build("something_something_v2", "default", tmp_path / "none", tmp_path / "current/manual")
+    assert "labels/train.json" in str(e.value)
+    assert "something-something-v2-train.json" in str(e.value)
+
+
 def test_breakfast_other_split_and_storage_resize(tmp_path):
     expected = data_fakes.write_breakfast(tmp_path / "manual")
     b = _build("breakfast", "s3", tmp_path, tmp_path / "manual")
@@ -129,6 +149,17 @@ def test_corrupt_file_stops_or_is_skipped(tmp_path, capsys):
     assert len(expected["train"]) == 2
     assert sorted(_read(b, "test")) == sorted(expected["test"])
     assert b.skipped["train"] == [str(bad)]
+
+
+def test_skipped_videos_are_all_named(tmp_path, capsys):
+    """With skip_corrupt, the split's summary names every skipped video, however many."""
+    b = builders.get_builder("ucf101", "split1", str(tmp_path), skip_corrupt=True)
+    paths = [f"/data/UCF-101/X/v_X_g{i:02d}_c01.avi" for i in range(25)]
+    results = [(p, VideoDecodeError(p, "no video stream")) for p in paths]
+    skipped = []
+    assert list(b._collect("train", results, skipped)) == [] and skipped == paths
+    out = capsys.readouterr().out
+    assert "ucf101/split1/train: 0 videos, 25 corrupt skipped: " + ", ".join(paths) in out
 
 
 def test_unknown_name_and_config():

@@ -312,6 +312,23 @@ def test_cumulative_equal_shares_of_change():
     np.testing.assert_array_equal(C.cumulative_segments(d, 2), [0, 0, 0, 1, 1, 1, 1, 1, 1, 1])
 
 
+def test_edge_cases_where_the_reference_release_differs():
+    """The rows of docs/DESIGN.md §1's table of differences from the reference release."""
+    # Slope, equal distances competing for the one boundary: the earlier frame (0) wins.
+    d = np.array([0.5, 0.1, 0.5, 0.1, 0.0], np.float32)
+    np.testing.assert_array_equal(C.slope_segments(d, 2), [0, 1, 1, 1, 1])
+    # Cumulative, frame 2 exactly on the threshold D/2 (c = 0, 1, 2, 3, 4; D = 4): it opens
+    # segment 1 (the reference's strict > keeps it in segment 0: [0, 0, 0, 1, 1]).
+    d = np.array([1, 1, 1, 1, 0], np.float32)
+    np.testing.assert_array_equal(C.cumulative_segments(d, 2), [0, 0, 1, 1, 1])
+    # No change at all: equal-length segments over every frame, not the first K frames alone.
+    np.testing.assert_array_equal(C.cumulative_segments(np.zeros(7), 3), [0, 0, 1, 1, 2, 2, 2])
+    # All change after the last frame but one: both thresholds fall on frame 6, the last;
+    # segment 1's start moves back so that each of the K segments keeps a frame.
+    d = np.array([0, 0, 0, 0, 0, 1, 0], np.float32)
+    np.testing.assert_array_equal(C.cumulative_segments(d, 3), [0, 0, 0, 0, 0, 1, 2])
+
+
 @pytest.mark.parametrize("k", [2, 4, 8])
 def test_slope_splits_planted_change_points(k):
     rng = np.random.default_rng(k)

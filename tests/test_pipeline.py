@@ -480,6 +480,29 @@ def test_corrupt_files_at_build_per_config_flag(tmp_path):
     assert batch["video"].shape[2:] == (16, 16, 3)
 
 
+def test_trainer_build_has_the_cli_corrupt_video_policy(tmp_path, capsys):
+    """The trainer's automatic build and `python -m fva_jax.data.build` share one default: a
+    corrupt video stops the build, named with both ways to skip it; skipping prints each one."""
+    from fva_jax.data import build  # pylint: disable=g-import-not-at-top
+
+    assert config_lib.default_config().data.skip_corrupt is build._SKIP.default is False
+    manual = tmp_path / "manual"
+    data_fakes.write_something_something_v1(manual)
+    bad = manual / "20bn-something-something-v1" / "4242"
+    (bad / "00002.jpg").write_bytes(b"broken")
+    cfg = _config(tmp_path / "a", "", data__name="something_something_v1")
+    cfg.data.update(dict(manual_dir=str(manual), eval_split="validation"))
+    with pytest.raises(video_lib.VideoDecodeError) as e:
+        pipeline.dataset_info(cfg.data)
+    assert str(bad) in str(e.value)
+    assert "--skip_corrupt" in str(e.value) and "--config.data.skip_corrupt=True" in str(e.value)
+    cfg.data.skip_corrupt = True
+    pipeline.dataset_info(cfg.data)
+    assert f"something_something_v1/default/train: 2 videos, 1 corrupt skipped: {bad}" in (
+        capsys.readouterr().out
+    )
+
+
 def _rewrite_record(shard, position, change):
     """Rewrites record `position` of an ArrayRecord shard with change(tf.Example)."""
     from array_record.python import array_record_data_source, array_record_module  # pylint: disable=g-import-not-at-top

@@ -64,6 +64,41 @@ def test_references_point_into_the_repository():
     assert cited  # the pattern matches the way the code cites it
 
 
+# A repository path in the docs: it begins with one of the repository's top-level folders or
+# files, not after a letter, `/`, `.`, `$` or `~` (so `/tmp/tests/x`, `WORKDIR/checkpoints`,
+# `gs://b/docs` and the paths inside a data set's download, e.g. `UCF-101/...`, are not).
+_TOP_LEVEL = (
+    r"(?:fva_jax|configs|launch|tests|benchmarks|docs|\.ci)/"
+    r"|requirements[\w-]*\.txt|pyproject\.toml|README\.md"
+)
+_REPO_PATH = re.compile(rf"(?<![\w/.$~-])(?:{_TOP_LEVEL})[\w./*{{}},<>-]*")
+
+
+def _repository_paths(text):
+    """The repository paths a doc cites, as globs: `{a,b}` names each of a and b, and a
+    placeholder (`<name>`, or the word `NAME`) stands for any name (`*`)."""
+    for match in _REPO_PATH.findall(text):
+        path = match.rstrip(".,:;")
+        brace = re.search(r"\{([^{}]*)\}", path)
+        options = brace.group(1).split(",") if brace else [""]
+        for option in options:
+            full = path[: brace.start()] + option + path[brace.end() :] if brace else path
+            yield match, re.sub(r"<[^<>/]*>|\bNAME\b", "*", full)
+
+
+def test_repository_paths_in_the_docs_exist():
+    """Every path into the repository that README.md or docs/*.md cites exists (a glob matches
+    at least one file), so a renamed or deleted file cannot stay cited."""
+    missing, checked = [], 0
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for cited, pattern in _repository_paths(doc.read_text()):
+            checked += 1
+            if not any(ROOT.glob(pattern.rstrip("/"))):
+                missing.append(f"{doc.relative_to(ROOT)}: {cited}")
+    assert not missing, "cited but not in the repository:\n" + "\n".join(missing)
+    assert checked > 50  # the pattern finds the docs' many references
+
+
 def test_docs_are_cited_with_their_folder():
     """Code, configs, scripts and tests cite `docs/DESIGN.md` and `docs/DATASETS.md` with the
     folder, so the reference leads to the file from anywhere in the repository."""

@@ -24,7 +24,11 @@ _NAME = flags.DEFINE_string("name", "sparse_events", "Data set (fva_jax.data.bui
 _CONFIG = flags.DEFINE_string("config", "", "Builder config ('' = the first, e.g. s1, split1).")
 _DATA_DIR = flags.DEFINE_string("data_dir", "", "TFDS data_dir ('' = ~/tensorflow_datasets).")
 _MANUAL_DIR = flags.DEFINE_string("manual_dir", "", "Where the official download is unpacked.")
-_SKIP = flags.DEFINE_bool("skip_corrupt", False, "Skip undecodable videos (and count them).")
+_SKIP = flags.DEFINE_bool(
+    "skip_corrupt",
+    False,  # config_lib's data.skip_corrupt default: one policy for the CLI and the trainer
+    "Skip undecodable videos (printing how many and which) instead of stopping at the first.",
+)
 _WORKERS = flags.DEFINE_integer("num_workers", None, "Decoding processes (default: CPUs, <= 8).")
 
 

@@ -17,9 +17,11 @@ videos in parallel processes (`build_worker.py`), bounds storage by three `Video
 fields applied while decoding (resize_short: shorter side reduced to at most this, 0 keeps
 the source size; frame_stride: keep every n-th frame; max_frames: 0 = no cap) and applies the
 corrupt-file policy: a corrupt or unreadable video raises `VideoDecodeError` naming the
-file; with `skip_corrupt=True` it is skipped instead, each one is logged and the count is
-printed when the split is done. Nothing is dropped silently. A video with zero frames or
-whose num_frames disagrees with its frames stops the build with `records.BadVideoError`.
+file (the default, for the build command and the trainer's automatic build alike); with
+`skip_corrupt=True` it is skipped instead, each one is logged, and when the split is done the
+count and the path of every skipped video are printed. Nothing is dropped silently. A video
+with zero frames or whose num_frames disagrees with its frames stops the build with
+`records.BadVideoError`.
 """
 
 from __future__ import annotations
@@ -198,8 +200,9 @@ class VideoBuilder(Builder, skip_registration=True):
                 if not self.skip_corrupt:
                     raise VideoDecodeError(
                         res.path,
-                        res.reason + " (set skip_corrupt / --config.data.skip_corrupt=True "
-                        "to skip such files)",
+                        res.reason + " (to skip such files instead: --skip_corrupt for "
+                        "python -m fva_jax.data.build, --config.data.skip_corrupt=True for the "
+                        "trainer)",
                     ) from res
                 logging.warning("%s/%s: skipping %s", self.name, split, res)
                 skipped.append(res.path)
@@ -212,6 +215,6 @@ class VideoBuilder(Builder, skip_registration=True):
             f"{len(skipped)} corrupt skipped"
         )
         if skipped:
-            msg += ": " + ", ".join(skipped[:20]) + (" ..." if len(skipped) > 20 else "")
+            msg += ": " + ", ".join(skipped)  # every one: the set differs from the official
         print(msg, flush=True)
         logging.info(msg)

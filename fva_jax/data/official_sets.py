@@ -226,13 +226,13 @@ class SomethingSomethingV1(VideoBuilder):
 
     NUM_CLASSES = 174
     DESCRIPTION = __doc__
-    HOMEPAGE = "https://20bn.com/datasets/something-something/v1 (now via Qualcomm)"
+    HOMEPAGE = "https://20bn.com/datasets/something-something/v1"
     BUILDER_CONFIGS = [VideoConfig(name="default")]
     PREFIX = "something-something-v1"
     MANUAL_DOWNLOAD_INSTRUCTIONS = f"""\
 Download Something-Something V1 (20bn-something-something-v1 frame archives and the
-label CSVs; the data set is now distributed by Qualcomm: {HOMEPAGE}), join and
-unpack the archives into manual_dir, so that these exist:
+label CSVs; first released by 20BN at {HOMEPAGE}; where it is distributed today is not
+known to fva_jax), join and unpack the archives into manual_dir, so that these exist:
   <manual_dir>/20bn-something-something-v1/<id>/00001.jpg
   <manual_dir>/{PREFIX}-labels.csv, {PREFIX}-train.csv, {PREFIX}-validation.csv
 The test split has no labels and is not built.
@@ -275,9 +275,12 @@ class SomethingSomethingV2(VideoBuilder):
     BUILDER_CONFIGS = [VideoConfig(name="default")]
     PREFIX = "something-something-v2"
     MANUAL_DOWNLOAD_INSTRUCTIONS = f"""\
-Download Something-Something V2 (20bn-something-something-v2-00..19 archives and the
-labels zip) from {HOMEPAGE}, join and unpack them into manual_dir, so that these exist:
+Download Something-Something V2 from {HOMEPAGE}: the video archive in parts (today
+20bn-something-something-v2-00 and -01) and the labels zip. Join the parts (cat, in order),
+unpack the videos and the labels into manual_dir, so that these exist:
   <manual_dir>/20bn-something-something-v2/<id>.webm
+  <manual_dir>/labels/labels.json, labels/train.json, labels/validation.json  (today's labels zip)
+or, as the older release named them,
   <manual_dir>/{PREFIX}-labels.json, {PREFIX}-train.json, {PREFIX}-validation.json
 The test split has no labels and is not built.
 Then build:  python -m fva_jax.data.build --name=something_something_v2 --manual_dir=<manual_dir>"""
@@ -285,7 +288,7 @@ Then build:  python -m fva_jax.data.build --name=something_something_v2 --manual
     def _split_generators(self, dl_manager):
         root = self._root(dl_manager)
         videos = self._require(root / "20bn-something-something-v2", "the webm folder")
-        labels_file = self._require(root / f"{self.PREFIX}-labels.json", "the labels JSON")
+        labels_file = self._labels_json(root, "labels")
         mapping = json.loads(labels_file.read_text())
         names = [n for n, _ in sorted(mapping.items(), key=lambda kv: int(kv[1]))]
         if sorted(int(v) for v in mapping.values()) != list(range(len(mapping))):
@@ -294,7 +297,7 @@ Then build:  python -m fva_jax.data.build --name=something_something_v2 --manual
         index = {n: i for i, n in enumerate(names)}
 
         def read(split):
-            f = self._require(root / f"{self.PREFIX}-{split}.json", f"the {split} JSON")
+            f = self._labels_json(root, split)
             items = []
             for n, entry in enumerate(json.loads(f.read_text())):
                 name = entry["template"].replace("[", "").replace("]", "")
@@ -310,3 +313,14 @@ Then build:  python -m fva_jax.data.build --name=something_something_v2 --manual
             "train": self._generate_examples("train", read("train")),
             "validation": self._generate_examples("validation", read("validation")),
         }
+
+    def _labels_json(self, root, kind: str):
+        """`labels/<kind>.json` (today's labels zip) or `<PREFIX>-<kind>.json` (the older
+        release); both hold the same JSON. Neither: the error names both and the download."""
+        for path in (root / "labels" / f"{kind}.json", root / f"{self.PREFIX}-{kind}.json"):
+            if path.exists():
+                return path
+        return self._require(
+            root / "labels" / f"{kind}.json",
+            f"the {kind} JSON (or, as the older release names it, {self.PREFIX}-{kind}.json)",
+        )
