@@ -90,6 +90,8 @@ def test_full_batches_shapes_masks_and_contents(data_dir):
         assert batch["mask"].shape == (b, length) and batch["mask"].dtype == bool
         assert batch["label"].dtype == np.int32 and batch["batch_mask"].dtype == bool
         np.testing.assert_array_equal(batch["batch_mask"], rows >= 0)
+        assert batch["index"].dtype == np.int32
+        np.testing.assert_array_equal(batch["index"], rows)  # the planned videos, -1 if none
         for r, video in enumerate(rows):
             n = data.lengths[video] if video >= 0 else 0
             np.testing.assert_array_equal(batch["mask"][r], np.arange(length) < n)  # a prefix
@@ -388,51 +390,92 @@ def test_steps_in_memory_are_bounded(tmp_path, workers, prefetch):
 # --------------------------------------------------------------------------- hosts
 
 
+def _videos_held(batch, data, mode) -> list[int]:
+    """The dataset indices a batch says its rows hold (its "index", -1: empty slot), after
+    checking each row against the video it names: that video's label and frame count (whole,
+    or K = 4 in mode "sampled"); empty slots have no frames."""
+    index = batch["index"]
+    assert index.dtype == np.int32 and index.shape == batch["batch_mask"].shape
+    real = index >= 0
+    np.testing.assert_array_equal(batch["batch_mask"], real)
+    videos = index[real]
+    np.testing.assert_array_equal(batch["label"][real], data.labels[videos])
+    frames = data.lengths[videos] if mode == "full" else np.full(len(videos), 4)
+    np.testing.assert_array_equal(batch["mask"][real].sum(1), frames)
+    assert not batch["mask"][~real].any() and not batch["video"][~real].any()
+    return videos.tolist()
+
+
 @pytest.mark.parametrize("mode", ["full", "sampled"])
-def test_hosts_same_shapes_disjoint_videos_every_video_once(data_dir, mode):
-    cfg = _config(data_dir, "long_tiny", train__batch_size=6)
-    hosts = [pipeline.TrainData(cfg, **_layout(pi, 3, 2)) for pi in range(3)]
+@pytest.mark.parametrize("processes, devices", [(1, 4), (2, 2), (3, 2)])
+def test_every_training_video_once_per_epoch_by_the_batches_indices(
+    data_dir, mode, processes, devices
+):
+    """Over all processes, the batches' own indices (not the plan's rows) name every training
+    video exactly once per epoch, across two epochs read as one stream; every process runs the
+    same shape at every step."""
+    cfg = _config(data_dir, "long_tiny", train__batch_size=12)
+    hosts = [pipeline.TrainData(cfg, **_layout(pi, processes, devices)) for pi in range(processes)]
     steps = {h.steps_per_epoch(mode) for h in hosts}
     assert len(steps) == 1
-    per_host = [list(h.iterator(mode, epoch=1)) for h in hosts]
-    seen = collections.Counter()
-    for step in range(steps.pop()):
-        shapes = {batches[step]["video"].shape for batches in per_host}
-        assert len(shapes) == 1  # the same (b, L) on every host
-        for pi, h in enumerate(hosts):
-            rows = h.plan(mode, 1).rows(step, pi)
-            np.testing.assert_array_equal(per_host[pi][step]["batch_mask"], rows >= 0)
-            seen.update(rows[rows >= 0].tolist())
-    assert seen == collections.Counter(range(16))
+    steps = steps.pop()
+    for epoch in (0, 1):
+        per_host = [list(h.iterator(mode, epoch=epoch)) for h in hosts]
+        assert all(len(batches) == steps for batches in per_host)
+        seen = collections.Counter()
+        for step in range(steps):
+            shapes = {batches[step]["video"].shape for batches in per_host}
+            assert len(shapes) == 1  # the same (b, L) on every host
+            for h, batches in zip(hosts, per_host):
+                seen.update(_videos_held(batches[step], h, mode))
+        assert seen == collections.Counter(range(16)), (epoch, seen)
+    for h in hosts:
+        h.close()
 
 
 @pytest.mark.parametrize("mode", ["full", "sampled"])
-def test_eval_every_video_exactly_once_across_hosts(data_dir, mode):
+def test_every_test_video_once_per_evaluation_by_the_batches_indices(data_dir, mode):
+    """1 process x 4 devices and 2 processes x 1 device: the batches' own indices name every
+    test video exactly once per evaluation, each with the same frames in both layouts."""
     cfg = _config(data_dir, "long_tiny", eval__batch_size=4)
-    single = pipeline.EvalData(cfg, **_layout(ld=2))
-    reference = {}
-    for step, batch in enumerate(single.iterator(mode)):
-        for r, video in enumerate(single.plan(mode).rows(step, 0)):
-            if video >= 0:
-                reference[int(video)] = batch["video"][r][batch["mask"][r]]
-    assert sorted(reference) == list(range(8))
+    single = pipeline.EvalData(cfg, **_layout(ld=4))
+    reference = collections.defaultdict(list)
+    for batch in single.iterator(mode):
+        for r, video in zip(np.flatnonzero(batch["batch_mask"]), _videos_held(batch, single, mode)):
+            reference[video].append(batch["video"][r][batch["mask"][r]])
+    assert sorted(reference) == list(range(8)) and {len(v) for v in reference.values()} == {1}
     seen = collections.Counter()
     hosts = [pipeline.EvalData(cfg, **_layout(pi, 2, 1)) for pi in range(2)]
     assert hosts[0].num_steps(mode) == hosts[1].num_steps(mode)
     per_host = [list(h.iterator(mode)) for h in hosts]
     for step in range(hosts[0].num_steps(mode)):
         assert per_host[0][step]["video"].shape == per_host[1][step]["video"].shape
-        for pi, h in enumerate(hosts):
-            batch = per_host[pi][step]
-            for r, video in enumerate(h.plan(mode).rows(step, pi)):
-                if video < 0:
-                    assert not batch["batch_mask"][r] and not batch["mask"][r].any()
-                    continue
-                seen[int(video)] += 1
+        for h, batches in zip(hosts, per_host):
+            batch = batches[step]
+            for r, video in zip(np.flatnonzero(batch["batch_mask"]), _videos_held(batch, h, mode)):
+                seen[video] += 1
                 np.testing.assert_array_equal(
-                    batch["video"][r][batch["mask"][r]], reference[int(video)]
+                    batch["video"][r][batch["mask"][r]], reference[video][0]
                 )
     assert seen == collections.Counter(range(8))
+
+
+def test_a_record_other_than_the_planned_one_is_a_data_error(data_dir, monkeypatch):
+    """A reader that got another video's record than the plan's (here every read shifted by
+    one record) is caught: the record's video_id names another dataset index."""
+    read = records.Records.__getitem__
+    monkeypatch.setattr(records.Records, "__getitem__", lambda self, i: read(self, (i + 1) % 6))
+    data = pipeline.EvalData(_config(data_dir), **_layout(ld=4))
+    planned = int(data.plan("full").rows(0, 0)[0])
+    got = (planned + 1) % 6
+    with pytest.raises(pipeline.DataError) as e:
+        next(iter(data.iterator("full")))
+    assert str(e.value).startswith(f"video {data.video_ids[planned]!r} in ")  # file, record
+    assert (
+        f"of split 'test': the plan reads it as video {planned}, but the record holds "
+        f"{data.video_ids[got]!r}, which the frame index lists as video {got}"
+    ) in str(e.value)
+    assert "rebuild the data set" in str(e.value)
 
 
 # --------------------------------------------------------------------------- errors
@@ -526,17 +569,34 @@ def _rewrite_record(shard, position, change):
         ("frames", r"stored num_frames is \d+ but it holds \d+ frames"),
         ("jpeg", r"frame 1 cannot be decoded"),
         ("empty", r"has zero frames"),
+        # Record 2 holds another video's id (that of record 3, or one the index lacks).
+        (
+            "id",
+            r"the plan reads it as video 2, but the record holds 'ID3', which the frame "
+            r"index lists as video 3",
+        ),
+        (
+            "unknown id",
+            r"the plan reads it as video 2, but the record holds 'test/none', "
+            r"which the frame index of this split does not list",
+        ),
     ],
 )
 def test_files_changed_after_build_are_named_at_read_time(tmp_path, damage, message):
     builder = builders.get_builder("sparse_events", "tiny", str(tmp_path))
     builders.prepare(builder)
     (shard,) = builder.info.splits["test"].file_instructions
-    video_id = records.read_frame_index(builder)[os.path.basename(shard.filename)]["video_id"][2]
+    ids = records.read_frame_index(builder)[os.path.basename(shard.filename)]["video_id"]
+    video_id = ids[2]
+    message = message.replace("ID3", ids[3])
 
     def change(feature):
         jpegs, count = feature["video"].bytes_list.value, feature["num_frames"].int64_list.value
-        if damage == "count":  # consistent record, but not what the index says
+        if damage in ("id", "unknown id"):
+            feature["video_id"].bytes_list.value[:] = [
+                (ids[3] if damage == "id" else "test/none").encode()
+            ]
+        elif damage == "count":  # consistent record, but not what the index says
             del jpegs[-1]
             count[0] -= 1
         elif damage == "frames":

@@ -24,6 +24,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -295,8 +296,9 @@ def test_run_trains_evaluates_and_writes_results(full_run):
 
 def test_epochs_read_every_video_once_in_their_mode(full_run):
     """Epoch 0 sampled (K frames, 4 videos per step), epoch 1 full videos in their length
-    buckets (the pipeline's plan); every training video once per epoch, each row holding its
-    video's label and frames; evaluation reads every test video once per mode."""
+    buckets (the pipeline's plan); by the batches' own video indices, every training video once
+    per epoch, each row holding its video's label and frames, and every test video once per
+    evaluation mode."""
     config, _, _, log = full_run
     layout = dict(process_index=0, process_count=1, local_device_count=1)
     train_data = pipeline.TrainData(config, **layout)
@@ -323,6 +325,22 @@ def test_epochs_read_every_video_once_in_their_mode(full_run):
         seen = [v for r in eval_log for v in r[5] if v >= 0]
         assert sorted(seen) == list(range(NUM_TEST)), mode
         check_recorded_steps(eval_log, eval_data, num_frames=config.model.num_clusters)
+
+
+def test_batch_index_stays_on_the_host(data_dir):
+    """The pipeline's per-row video index is for the host: global_batch copies the keys the
+    steps read to the devices, unchanged, and leaves "index" out."""
+    layout = dict(process_index=0, process_count=1, local_device_count=1)
+    local = next(iter(pipeline.EvalData(tiny_config(data_dir), **layout).iterator("full")))
+    assert local["index"].dtype == np.int32 and local["index"].shape == local["label"].shape
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
+    run = types.SimpleNamespace(
+        batch_sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    )
+    on_devices = experiment.global_batch(run, local)
+    assert "index" not in on_devices
+    for key in ("video", "mask", "label", "batch_mask"):
+        np.testing.assert_array_equal(np.asarray(on_devices[key]), local[key])
 
 
 def test_eval_metrics_match_plain_computation(full_run):
@@ -624,13 +642,16 @@ SAMPLED_ONLY = {
 
 def test_four_devices_give_the_same_result_as_one(data_dir, compile_cache, tmp_path):
     """The same global batches on 4 fake CPU devices (batch sharded 1 per device) through
-    main.py: same training losses and evaluation as the in-process 1-device run."""
+    main.py: same training losses and evaluation as the in-process 1-device run; the batches'
+    own video indices name every training video once in the epoch and every test video once
+    in the evaluation."""
     one = train_run(tiny_config(data_dir, **SAMPLED_ONLY), tmp_path / "one")
     proc = _run_main(
         [f"--workdir={tmp_path / 'four'}", *flags_for(data_dir, **SAMPLED_ONLY)],
         {
             "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
             "JAX_COMPILATION_CACHE_DIR": compile_cache,
+            "FVA_RECORD_DATA_STEPS": "1",
         },
     )
     log, _ = proc.communicate(timeout=300)
@@ -643,6 +664,21 @@ def test_four_devices_give_the_same_result_as_one(data_dir, compile_cache, tmp_p
         for key, value in one[mode].items():
             if key != "per_class_accuracy":
                 assert four[mode][key] == pytest.approx(value, rel=1e-4, abs=1e-5), (mode, key)
+    reads = _data_steps_from_log(log)
+    assert [r[:4] for r in reads] == [
+        *(("train", "sampled", 0, i) for i in range(SAMPLED_STEPS)),
+        *(("test", "sampled", 0, i) for i in range(2)),  # 6 test videos, 4 per step
+    ]
+    layout = dict(process_index=0, process_count=1, local_device_count=4)
+    config = tiny_config(data_dir, **SAMPLED_ONLY)
+    k = config.model.num_clusters
+    for split, data, count in (
+        ("train", pipeline.TrainData(config, **layout), NUM_TRAIN),
+        ("test", pipeline.EvalData(config, **layout), NUM_TEST),
+    ):
+        split_reads = [r for r in reads if r[0] == split]
+        assert sorted(v for r in split_reads for v in r[5] if v >= 0) == list(range(count))
+        check_recorded_steps(split_reads, data, num_frames=k)
 
 
 def _free_port() -> int:
@@ -665,9 +701,9 @@ LONG_TWO_EPOCHS = {
 def test_two_processes_train_together_and_agree(data_dir, compile_cache, tmp_path):
     """jax.distributed on localhost (CPU, gloo): 2 processes x 1 device, two full-video epochs
     over videos of widely varying lengths. Both run the same shapes at every step (the
-    pipeline's plan for 2 processes), every training video is read once per epoch across the
-    two (each row with its video's frames and label), every test video once in evaluation,
-    and both end with the same metrics."""
+    pipeline's plan for 2 processes); by the batches' own video indices, every training video
+    is read once per epoch across the two (each row with its video's frames and label) and
+    every test video once in evaluation; both end with the same metrics."""
     port = _free_port()
     procs = [
         _run_main(

@@ -27,6 +27,10 @@ device):
   mask       bool  (b, L)   True on real frames (a prefix of each row)
   label      int32 (b,)
   batch_mask bool  (b,)     False on empty slots (all of whose frames are zero and masked)
+  index      int32 (b,)     the dataset index of each row's video (-1 on empty slots): the
+                            position in the split of the video_id of the record actually read,
+                            checked against the plan (a mismatch is a DataError). Host-only:
+                            the trainer does not send it to the devices.
 
 Augmentation (`frames.py`): one TSN multi-scale crop and flip per video in training, the
 centre crop at evaluation; all randomness is a function of (config.seed, epoch, video index).
@@ -171,17 +175,21 @@ class _StepReader:
             "mask": np.zeros((b, length), bool),
             "label": np.zeros((b,), np.int32),
             "batch_mask": rows >= 0,
+            "index": np.full((b,), -1, np.int32),
         }
         for r, video in enumerate(rows):
             if video < 0:
                 continue
-            n = self._read_video(int(video), epoch, batch["video"][r])
+            n, index = self._read_video(int(video), epoch, batch["video"][r])
             batch["mask"][r, :n] = True
-            batch["label"][r] = self._split.labels[video]
+            batch["label"][r] = self._split.labels[index]
+            batch["index"][r] = index
         return batch
 
-    def _read_video(self, video: int, epoch: int, out: np.ndarray) -> int:
-        """Decodes video `video`'s selected frames into out[:n]; returns n."""
+    def _read_video(self, video: int, epoch: int, out: np.ndarray) -> tuple[int, int]:
+        """Decodes the selected frames of planned video `video` into out[:n]; returns n and
+        the dataset index of the record read (its video_id looked up in the split), which
+        must be `video`."""
         split = self._split
         video_id = split.video_ids[video]
         where = split.where(video)
@@ -190,15 +198,29 @@ class _StepReader:
             records.check_video(ex["video_id"], ex["num_frames"], len(ex["video"]), where)
         except records.BadVideoError as e:
             raise DataError(str(e)) from None
+        index = split.index_of(ex["video_id"])
+        if index != video:
+            listed = (
+                f"which the frame index lists as video {index}"
+                if index >= 0
+                else "which the frame index of this split does not list"
+            )
+            raise DataError(
+                f"video {video_id!r} in {where} of split {split.name!r}: the plan reads it as "
+                f"video {video}, but the record holds {ex['video_id']!r}, {listed}: the files "
+                "changed after frame_index.json was written, or come from another build. "
+                "Delete frame_index.json beside them to have it rewritten, or rebuild the data "
+                "set (python -m fva_jax.data.build)"
+            )
         indexed = int(split.num_frames[video])
-        if ex["video_id"] != video_id or ex["num_frames"] != indexed:
+        if ex["num_frames"] != indexed:
             raise DataError(
                 f"video {video_id!r} in {where}: the frame index says {indexed} frames of "
                 f"{video_id!r}, the record holds {ex['num_frames']} frames of "
                 f"{ex['video_id']!r}: the files changed after the index was written. Delete "
                 f"frame_index.json beside them to have it rewritten, or rebuild the data set"
             )
-        return frames.read_frames(
+        n = frames.read_frames(
             ex["video"],
             indexed,
             self._settings,
@@ -209,6 +231,7 @@ class _StepReader:
             out=out,
             name=f"video {video_id!r} in {where}",
         )
+        return n, index
 
 
 # --------------------------------------------------------------------------- public API

@@ -11,13 +11,15 @@ video_id, so that batch plans never read videos to learn their lengths.
 * `check_video` / `BadVideoError`: what every stored video must satisfy (checked when
   building, when indexing and when reading);
 * `Split.open(builder, split)`: where a split's records are and what the index says about
-  them (rewriting a stale index); `Records(split)[i]`: the raw record of video i, its
-  ArrayRecord readers opened lazily (picklable, so every Grain worker opens its own).
+  them (rewriting a stale index); `Split.index_of(video_id)`: a video's dataset index;
+  `Records(split)[i]`: the raw record of video i, its ArrayRecord readers opened lazily
+  (picklable, so every Grain worker opens its own).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -172,6 +174,15 @@ class Split:
             labels=np.concatenate(labels) if labels else np.zeros(0, np.int64),
             video_ids=tuple(ids),
         )
+
+    @functools.cached_property
+    def _index_by_id(self) -> dict[str, int]:
+        return {video_id: i for i, video_id in enumerate(self.video_ids)}
+
+    def index_of(self, video_id: str) -> int:
+        """The dataset index (data-source order) of the video with this id; -1 if the frame
+        index does not list it in this split."""
+        return self._index_by_id.get(video_id, -1)
 
     def where(self, index: int) -> str:
         """'file (record r)' of a video, for messages."""

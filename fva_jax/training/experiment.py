@@ -199,7 +199,8 @@ def jitted_eval_steps(run: Run, modes: Iterable[str]) -> dict[str, Callable]:
 
 def global_batch(run: Run, local: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
     """This process's rows (NumPy) -> global arrays sharded over "data" (an asynchronous copy
-    to the devices)."""
+    to the devices). Only the keys the steps read are copied; host-only keys of the batch
+    (the pipeline's "index") stay in `local`."""
     missing = [k for k in _BATCH_KEYS if k not in local]
     if missing:
         raise KeyError(f"the data pipeline's batch lacks {missing}; it has {sorted(local)}")
