@@ -30,6 +30,9 @@ Conventions:
   * A boundary "after t" means the next valid frame after t opens a new segment.
   * Bad arguments (num_clusters < 1, window < 1, wrong mask shape, unknown
     method, non-static K) raise ValueError/TypeError at trace time.
+
+`prefix_hamming_distances` (not in `__all__`) is `hamming_distances` without the
+gather that holes need, for callers whose masks have none (fva_jax's model).
 """
 
 from __future__ import annotations
@@ -423,7 +426,8 @@ def cluster(
       num_clusters: K, a static int >= 1.
       method: "cumulative" (the paper's best) or "slope".
       window: static int >= 1, see `hamming_distances`.
-      mask: optional (..., T) bool, True for valid frames.
+      mask: optional (..., T) bool, True for valid frames (any pattern: the
+        masked-out frames are skipped, see the module docstring).
 
     Returns:
       (..., T) int32 segment ids (see `cumulative_segments`, `slope_segments`).
