@@ -183,12 +183,12 @@ def prefix_hamming_distances(
 
     Not part of the public API (not in `__all__`): for callers that know their
     valid frames form one run, e.g. valid frames then padding. fva_jax's model
-    uses it (`fva_jax.models.plans`), also on chunk-sized windows of a padded
-    video, where gathering the valid frames to the front would not even be
-    defined. It compares positions: d[t] = mean over s in 1..window with t+s < T
-    and frames t, t+s both valid. On a mask whose valid frames form one run this
-    equals `hamming_distances`; on a mask with holes it does not (a hole then
-    sets the distance across it to 0).
+    uses it (`fva_jax.models.plans`), also chunk by chunk, where a gather inside
+    one chunk could not reach the valid frames of later chunks anyway. It
+    compares positions: d[t] = mean over s in 1..window with t+s < T and frames
+    t, t+s both valid. On a mask whose valid frames form one run this equals
+    `hamming_distances`; on a mask with holes it does not (a hole then sets the
+    distance across it to 0 with window 1).
     """
     bits, window, num_features = _check_hamming_args(bits, window, mask, num_features)
     return _hamming(bits, mask, window, num_features)

@@ -30,8 +30,8 @@ its frames already seen are masked out, so T need not be a multiple of the chunk
 The masks here are valid frames then padding (the model's input contract), so every plan
 takes the distances with ``clustering.prefix_hamming_distances``, which compares frame
 positions directly; ``clustering.hamming_distances`` would first gather the valid frames
-to the front, which changes nothing on such masks but costs a gather of the bits, and
-chunk by chunk would not even be defined.
+to the front, which changes nothing on such masks but costs a gather of the bits (and,
+chunk by chunk, could not reach across a hole into the next chunk anyway).
 
 The estimate (`estimate`, bytes per device) comes from shapes, at trace time:
   r = bytes the stem's VJP keeps per frame (its residuals, read off
