@@ -585,7 +585,9 @@ def distance_rows(draw):
     # Few distinct values: zeros, ties and concentrated change are common.
     values = st.sampled_from([0.0, 0.0, 0.0, 0.125, 0.5, 1.0]) | st.floats(0, 1, width=32)
     d = np.array(draw(st.lists(values, min_size=t_len, max_size=t_len)), np.float32)
-    return d, k, np.arange(t_len) < n
+    # Valid frames then padding, or any pattern of holes.
+    holes = np.array(draw(st.lists(st.booleans(), min_size=t_len, max_size=t_len)), bool)
+    return d, k, draw(st.sampled_from([np.arange(t_len) < n, holes]))
 
 
 @HYP
