@@ -15,17 +15,24 @@ file, so that another project can import it (or copy it) without the training st
     agg, counts = aggregate(x, seg, num_clusters, mask)   # (..., K, *feat), (..., K) int32
 
 Conventions:
-  * `mask` (..., T) bool marks the valid frames. It is meant to be valid frames
-    followed by padding (videos padded at the end to a static length). Other
-    masks are accepted: the segmentations then treat the valid frames, in order,
-    as the video, and distances are only taken between valid frames.
+  * `mask` (..., T) bool marks the valid frames; None means all frames are valid.
+    Videos padded at the end to a static length have valid frames followed by
+    padding, but any mask is accepted: every function treats the masked-out
+    frames as if they did not exist. Distances, windows and segments are
+    computed on the valid frames in order (the "compressed" video), and the
+    results are put back at the valid frames' positions; masked-out frames get
+    distance 0 and segment id K. So with holes, "the next `window` frames" are
+    the next `window` valid frames, across any hole.
   * Valid frames get segment ids 0..min(K, n)-1 (n = number of valid frames),
     non-decreasing in time; every one of those ids is used (no empty segment
     among them). Padded frames get id K (== num_clusters), which `aggregate`
     ignores, so padding never joins a segment that real frames use.
-  * A boundary "after t" means frame t+1 opens a new segment.
+  * A boundary "after t" means the next valid frame after t opens a new segment.
   * Bad arguments (num_clusters < 1, window < 1, wrong mask shape, unknown
     method, non-static K) raise ValueError/TypeError at trace time.
+
+`prefix_hamming_distances` (not in `__all__`) is `hamming_distances` without the
+gather that holes need, for callers whose masks have none (fva_jax's model).
 """
 
 from __future__ import annotations
@@ -136,17 +143,23 @@ def hamming_distances(
     mask: jax.Array | None = None,
     num_features: int | None = None,
 ) -> jax.Array:
-    """Normalized Hamming distance from each frame to the next `window` frames.
+    """Normalized Hamming distance from each valid frame to the next `window` valid frames.
 
-    d[t] = mean over s in 1..window with t+s < T and frames t, t+s both valid of
-    popcount(bits[t] XOR bits[t+s]) / num_features. Frames with no such s (the
-    last valid frame, padding) get 0. Bits are compared as uint32 words with
-    `jax.lax.population_count`, never unpacked.
+    With v_0 < v_1 < ... < v_{n-1} the positions of the valid frames (all frames
+    when mask is None), d[v_i] = mean over s in 1..window with i+s < n of
+    popcount(bits[v_i] XOR bits[v_{i+s}]) / num_features: masked-out frames are
+    skipped as if they did not exist, so a hole never hides a change. Frames
+    with no such s (the last valid frame) and masked-out frames get 0. Bits are
+    compared as uint32 words with `jax.lax.population_count`, never unpacked.
+    With a mask the valid frames are first gathered to the front in order (one
+    gather of the bits, O(T) indices), compared there, and the distances put
+    back at their positions.
 
     Args:
       bits: (..., T, B) uint8 packed sign bits (from `sign_bits`).
       window: static int >= 1; 1 compares consecutive frames (the paper's rule).
-      mask: optional (..., T) bool, True for valid frames (valid frames then padding).
+      mask: optional (..., T) bool, True for valid frames (any pattern; see the
+        module docstring).
       num_features: the number F of real bits per frame, used to normalize to
         [0, 1]. Defaults to 8 * B, exact when F is a multiple of 8; pass the true
         F otherwise (`cluster` does). Must satisfy 8 * (B - 1) < F <= 8 * B.
@@ -154,6 +167,34 @@ def hamming_distances(
     Returns:
       (..., T) float32 in [0, 1].
     """
+    bits, window, num_features = _check_hamming_args(bits, window, mask, num_features)
+    if mask is None:
+        return _hamming(bits, None, window, num_features)
+    return _compressed_hamming(bits, mask, window, num_features)
+
+
+def prefix_hamming_distances(
+    bits: jax.Array,
+    window: int = 1,
+    mask: jax.Array | None = None,
+    num_features: int | None = None,
+) -> jax.Array:
+    """`hamming_distances` for masks without holes, minus the gather that handles holes.
+
+    Not part of the public API (not in `__all__`): for callers that know their
+    valid frames form one run, e.g. valid frames then padding. fva_jax's model
+    uses it (`fva_jax.models.plans`), also chunk by chunk, where a gather inside
+    one chunk could not reach the valid frames of later chunks anyway. It
+    compares positions: d[t] = mean over s in 1..window with t+s < T and frames
+    t, t+s both valid. On a mask whose valid frames form one run this equals
+    `hamming_distances`; on a mask with holes it does not (a hole then sets the
+    distance across it to 0 with window 1).
+    """
+    bits, window, num_features = _check_hamming_args(bits, window, mask, num_features)
+    return _hamming(bits, mask, window, num_features)
+
+
+def _check_hamming_args(bits: Any, window: Any, mask: Any, num_features: Any):
     bits = jnp.asarray(bits)
     if bits.ndim < 2:
         raise ValueError(f"hamming_distances needs bits of shape (..., T, B), got {bits.shape}.")
@@ -173,11 +214,12 @@ def hamming_distances(
             f"(need {8 * (nbytes - 1) + 1}..{8 * nbytes})."
         )
     _check_mask(mask, bits.shape[:-1], f"bits of shape {bits.shape}")
-    return _hamming(bits, mask, window, num_features)
+    return bits, window, num_features
 
 
 @partial(jax.jit, static_argnums=(2, 3))
 def _hamming(bits: jax.Array, mask: Any, window: int, num_features: int) -> jax.Array:
+    """The positional rule (see `prefix_hamming_distances`)."""
     valid = _valid(mask, bits.shape[:-1])
     num_frames = bits.shape[-2]
 
@@ -193,6 +235,40 @@ def _hamming(bits: jax.Array, mask: Any, window: int, num_features: int) -> jax.
         total = total + jnp.pad(dist, pad_t + [(0, s)])
         pairs = pairs + jnp.pad(both.astype(jnp.int32), pad_t + [(0, s)])
     return jnp.where(pairs > 0, total / jnp.maximum(pairs, 1).astype(jnp.float32), 0.0)
+
+
+def _compression(valid: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The permutation that moves the valid frames to the front, in order.
+
+    Returns (position, source, prefix): position[t] is where frame t goes (valid
+    frames to their rank 0..n-1, masked-out frames after them in order),
+    source[j] the frame that lands at j (its inverse), prefix = j < n, the mask
+    of the compressed video. O(T): a cumsum and a scatter of T indices per row.
+    """
+    num_frames = valid.shape[-1]
+    frame = jnp.arange(num_frames, dtype=jnp.int32)
+    rank = jnp.cumsum(valid.astype(jnp.int32), axis=-1) - 1  # valid frames before and at t, - 1
+    n = rank[..., -1:] + 1
+    # A masked-out frame t has t - (rank + 1) masked-out frames before it.
+    position = jnp.where(valid, rank, n + frame - rank - 1)
+    rows = position.reshape(-1, num_frames)
+    row = jnp.arange(rows.shape[0])[:, None]
+    source = (
+        jnp.zeros_like(rows)
+        .at[row, rows]
+        .set(jnp.broadcast_to(frame, rows.shape), unique_indices=True)
+        .reshape(position.shape)
+    )
+    return position, source, frame < n
+
+
+@partial(jax.jit, static_argnums=(2, 3))
+def _compressed_hamming(bits: jax.Array, mask: Any, window: int, num_features: int) -> jax.Array:
+    position, source, prefix = _compression(_valid(mask, bits.shape[:-1]))
+    packed = jnp.take_along_axis(bits, source[..., None], axis=-2)
+    d = _hamming(packed, prefix, window, num_features)
+    # Masked-out frames sit at positions >= n, where d is 0.
+    return jnp.take_along_axis(d, position, axis=-1)
 
 
 # ---------------------------------------------------------------------------
@@ -350,7 +426,8 @@ def cluster(
       num_clusters: K, a static int >= 1.
       method: "cumulative" (the paper's best) or "slope".
       window: static int >= 1, see `hamming_distances`.
-      mask: optional (..., T) bool, True for valid frames.
+      mask: optional (..., T) bool, True for valid frames (any pattern: the
+        masked-out frames are skipped, see the module docstring).
 
     Returns:
       (..., T) int32 segment ids (see `cumulative_segments`, `slope_segments`).

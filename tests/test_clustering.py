@@ -28,40 +28,47 @@ HYP = settings(max_examples=25, deadline=None, derandomize=True)
 # NumPy references (one sequence at a time; `_batched` maps them over batch axes)
 
 
-def ref_distances(x, window, mask):
-    """x (T, F) float; normalized Hamming distances of the signs, float64."""
-    signs = np.asarray(x) > 0
-    t_len = signs.shape[0]
-    mask = np.ones(t_len, bool) if mask is None else np.asarray(mask, bool)
-    d = np.zeros(t_len)
-    for t in range(t_len):
-        if not mask[t]:
-            continue
-        dists = [
-            np.mean(signs[t] != signs[t + s])
-            for s in range(1, window + 1)
-            if t + s < t_len and mask[t + s]
-        ]
-        d[t] = np.mean(dists) if dists else 0.0
-    return d
-
-
 def _valid_positions(t_len, mask):
     mask = np.ones(t_len, bool) if mask is None else np.asarray(mask, bool)
     return mask, np.flatnonzero(mask)
+
+
+def _scatter(values, pos, t_len, fill):
+    """Puts the compressed video's values back at the valid positions; fill elsewhere."""
+    out = np.full(t_len, fill, np.asarray(values).dtype)
+    out[pos] = values
+    return out
+
+
+# Every reference compresses first: the documented rule is that masked-out frames do not
+# exist, so each one keeps the valid frames in order, works on that shorter video with no
+# mask at all, and scatters the result back (padding: distance 0, id K).
+
+
+def ref_distances(x, window, mask):
+    """x (T, F) float; normalized Hamming distances of the signs, float64."""
+    signs = np.asarray(x) > 0
+    mask, pos = _valid_positions(signs.shape[0], mask)
+    video = signs[pos]
+    n = len(video)
+    d = np.zeros(n)
+    for i in range(n):
+        dists = [np.mean(video[i] != video[i + s]) for s in range(1, window + 1) if i + s < n]
+        d[i] = np.mean(dists) if dists else 0.0
+    return _scatter(d, pos, signs.shape[0], 0.0)
 
 
 def ref_cumulative(d, k, mask):
     """Returns (ids, ambiguous); ambiguous when a cut is within rounding of a frame."""
     d = np.asarray(d, np.float64)
     mask, pos = _valid_positions(d.shape[0], mask)
-    ids = np.full(d.shape[0], k, np.int64)
-    n = len(pos)
+    video = d[pos]
+    n = len(video)
     if n == 0:
-        return ids, False
+        return np.full(d.shape[0], k, np.int64), False
     m = min(k, n)
-    dd = [max(d[p], 0.0) for p in pos[:-1]]
-    c = np.concatenate([[0.0], np.cumsum(dd)])  # c[i] for the i-th valid frame
+    dd = [max(v, 0.0) for v in video[:-1]]
+    c = np.concatenate([[0.0], np.cumsum(dd)])  # c[i] for the i-th frame
     total = c[-1]
     ambiguous = False
     if total > 0:
@@ -76,22 +83,22 @@ def ref_cumulative(d, k, mask):
     starts = [0]
     for j in range(1, m):
         starts.append(max(min(max(raw[j], j), n - m + j), starts[-1] + 1))
-    for i, p in enumerate(pos):
-        ids[p] = sum(1 for s in starts[1:] if s <= i)
-    return ids, ambiguous
+    ids = [sum(1 for s in starts[1:] if s <= i) for i in range(n)]
+    return _scatter(np.array(ids, np.int64), pos, d.shape[0], k), ambiguous
 
 
 def ref_slope(d, k, mask):
     d = np.asarray(d, np.float64)
     mask, pos = _valid_positions(d.shape[0], mask)
-    ids = np.full(d.shape[0], k, np.int64)
-    candidates = sorted(pos[:-1], key=lambda p: (-d[p], p))  # earlier frame wins ties
+    video = d[pos]
+    n = len(video)
+    candidates = sorted(range(n - 1), key=lambda i: (-video[i], i))  # earlier frame wins ties
     boundaries = set(candidates[: k - 1])
-    current = 0
-    for p in pos:
-        ids[p] = current
-        current += p in boundaries
-    return ids
+    ids, current = [], 0
+    for i in range(n):
+        ids.append(current)
+        current += i in boundaries
+    return _scatter(np.array(ids, np.int64), pos, d.shape[0], k)
 
 
 def ref_aggregate(x, seg, k, mask):
@@ -256,7 +263,7 @@ def test_slope_segments_match_reference(batch_shape, t_len, k, masked):
 
 
 def test_masks_with_holes_treat_valid_frames_as_the_video():
-    # Documented behaviour for masks that are not valid-then-padding.
+    """Random holes: distances and both segmentations equal the compressed video's."""
     rng = np.random.default_rng(11)
     x = rng.normal(size=(4, 15, 29)).astype(np.float32)
     mask = rng.random((4, 15)) < 0.6
@@ -275,6 +282,103 @@ def test_masks_with_holes_treat_valid_frames_as_the_video():
         )
         for row, m in zip(ids, mask):
             check_segments(row, k, m)
+
+
+def test_a_hole_is_skipped_not_a_zero_distance():
+    """Frames A, A', [hole], B, B with K=2: the cut is at the change A' -> B across the hole,
+    whatever the hole frame holds (the issue's example; a positional rule cut A | A'BB)."""
+    a = np.ones(16, np.float32)
+    a_prime = a.copy()
+    a_prime[0] = -1  # 1 bit of 16 differs from A
+    b = -a  # every bit differs from A
+    mask = np.array([1, 1, 0, 1, 1], bool)
+    for hole in (a_prime, b, np.random.default_rng(0).normal(size=16)):
+        x = np.stack([a, a_prime, hole, b, b])
+        d = np.asarray(C.hamming_distances(C.sign_bits(x), 1, mask))
+        np.testing.assert_allclose(d, [1 / 16, 15 / 16, 0, 0, 0])
+        for method in C.METHODS:
+            np.testing.assert_array_equal(C.cluster(x, 2, method, 1, mask), [0, 0, 2, 1, 1])
+        # Window 2 reaches the two frames after A' across the hole as well.
+        d2 = np.asarray(C.hamming_distances(C.sign_bits(x), 2, mask))
+        np.testing.assert_allclose(d2, [(1 / 16 + 1) / 2, 15 / 16, 0, 0, 0])
+
+
+# Rows of T=9 frames: no holes, all valid, one valid frame, none, holes at the start, at the
+# end and inside, every other frame.
+HOLE_PATTERNS = np.array(
+    [
+        [1, 1, 1, 1, 1, 1, 0, 0, 0],
+        [1, 1, 1, 1, 1, 1, 1, 1, 1],
+        [0, 0, 0, 0, 1, 0, 0, 0, 0],
+        [0, 0, 0, 0, 0, 0, 0, 0, 0],
+        [0, 0, 0, 1, 1, 1, 1, 1, 1],
+        [0, 1, 1, 0, 0, 1, 1, 1, 0],
+        [1, 1, 0, 1, 0, 0, 1, 1, 1],
+        [1, 0, 1, 0, 1, 0, 1, 0, 1],
+    ],
+    bool,
+)
+
+
+@pytest.mark.parametrize("method", ["cumulative", "slope"])
+@pytest.mark.parametrize("window", [1, 3])
+def test_holed_masks_equal_the_compressed_video_under_jit_and_vmap(method, window):
+    """Every hole pattern of a batch gives the compressed video's distances, segments and
+    means, scattered back to the valid frames (padding: 0, id K), jitted and vmapped."""
+    k, features = 3, 24
+    rng = np.random.default_rng(window)
+    # Three scenes with noise, so that distances vary and a few frames share signs.
+    scene = np.arange(9) // 3
+    bases = rng.normal(size=(len(HOLE_PATTERNS), 3, features))
+    x = np.take_along_axis(bases, scene[None, :, None], axis=1)
+    x = (x + 0.6 * rng.normal(size=x.shape)).astype(np.float32)
+    mask = HOLE_PATTERNS
+
+    distances = jax.jit(C.hamming_distances, static_argnums=(1, 3))
+    d_jit = np.asarray(distances(C.sign_bits(x), window, mask, features))
+    d_vmap = np.asarray(
+        jax.vmap(lambda a, m: C.hamming_distances(C.sign_bits(a), window, m))(x, mask)
+    )
+    d_ref = _batched(lambda a, m: ref_distances(a, window, m), x, mask, batch_ndim=1)
+    np.testing.assert_allclose(d_jit, d_ref, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(d_vmap, d_jit)
+
+    ids_jit = np.asarray(jax.jit(C.cluster, static_argnums=(1, 2, 3))(x, k, method, window, mask))
+    ids_vmap = np.asarray(jax.vmap(lambda a, m: C.cluster(a, k, method, window, m))(x, mask))
+    if method == "slope":  # ties compare float32 values: feed the reference the same ones
+        ref = _batched(lambda a, m: ref_slope(a, k, m), d_jit, mask, batch_ndim=1)
+    else:
+        ref, amb = _batched(lambda a, m: ref_cumulative(a, k, m), d_ref, mask, batch_ndim=1)
+        assert not np.any(amb)
+    np.testing.assert_array_equal(ids_jit, ref)
+    np.testing.assert_array_equal(ids_vmap, ref)
+
+    means, counts = jax.jit(C.aggregate, static_argnums=2)(x, ids_jit, k, mask)
+    for row in range(len(mask)):
+        pos = np.flatnonzero(mask[row])
+        check_segments(ids_jit[row], k, mask[row])
+        ref_mean, ref_counts = ref_aggregate(x[row, pos], ids_jit[row, pos], k, None)
+        np.testing.assert_allclose(means[row], ref_mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(counts[row], ref_counts)
+
+
+def test_prefix_hamming_distances_equal_public_ones_without_holes():
+    """The model's variant skips the compression: the same distances wherever the valid
+    frames form one run (valid then padding, or a run inside), the positional rule else."""
+    rng = np.random.default_rng(7)
+    bits = C.sign_bits(rng.normal(size=(5, 8, 20)).astype(np.float32))
+    masks = np.array(
+        [[1] * 8, [1] * 5 + [0] * 3, [0, 0, 1, 1, 1, 1, 0, 0], [0] * 8, [1, 1, 0, 1, 1, 1, 1, 1]],
+        bool,
+    )
+    for window in (1, 3):
+        prefix = np.asarray(C.prefix_hamming_distances(bits, window, masks, 20))
+        public = np.asarray(C.hamming_distances(bits, window, masks, 20))
+        np.testing.assert_array_equal(prefix[:4], public[:4])
+        # The hole after frame 1: positional counts only frames 3.. within reach (none with
+        # window 1), the public one reaches `window` valid frames across it.
+        assert prefix[4, 1] != public[4, 1] and (window > 1 or prefix[4, 1] == 0)
+    assert "prefix_hamming_distances" not in C.__all__
 
 
 def test_cumulative_equal_lengths_when_no_change():
@@ -498,7 +602,9 @@ def distance_rows(draw):
     # Few distinct values: zeros, ties and concentrated change are common.
     values = st.sampled_from([0.0, 0.0, 0.0, 0.125, 0.5, 1.0]) | st.floats(0, 1, width=32)
     d = np.array(draw(st.lists(values, min_size=t_len, max_size=t_len)), np.float32)
-    return d, k, np.arange(t_len) < n
+    # Valid frames then padding, or any pattern of holes.
+    holes = np.array(draw(st.lists(st.booleans(), min_size=t_len, max_size=t_len)), bool)
+    return d, k, draw(st.sampled_from([np.arange(t_len) < n, holes]))
 
 
 @HYP

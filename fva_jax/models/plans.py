@@ -27,6 +27,12 @@ videos are padded to length buckets) is skipped with ``jax.lax.cond``: no stem, 
 gradient work. The last chunk is read at ``T - chunk`` (overlapping the previous one) and
 its frames already seen are masked out, so T need not be a multiple of the chunk size.
 
+The masks here are valid frames then padding (the model's input contract), so every plan
+takes the distances with ``clustering.prefix_hamming_distances``, which compares frame
+positions directly; ``clustering.hamming_distances`` would first gather the valid frames
+to the front, which changes nothing on such masks but costs a gather of the bits (and,
+chunk by chunk, could not reach across a hole into the next chunk anyway).
+
 The estimate (`estimate`, bytes per device) comes from shapes, at trace time:
   r = bytes the stem's VJP keeps per frame (its residuals, read off
       ``jax.eval_shape`` of ``jax.vjp`` of the stem on 2 frames minus 1 frame),
@@ -289,14 +295,18 @@ def _distances(chunks: _Chunks, variables, mask, out, window: int, keep: bool):
         valid = (frame < t)[None] & jnp.take(mask, jnp.minimum(frame, t - 1), axis=1)
         buf_bits = jnp.concatenate([prev_bits, bits], axis=1)
         buf_valid = jnp.concatenate([prev_valid, valid], axis=1)
-        d = clustering.hamming_distances(buf_bits, window, buf_valid, num_features=num_features)
+        d = clustering.prefix_hamming_distances(
+            buf_bits, window, buf_valid, num_features=num_features
+        )
         # d[:, :c] (frames s-w .. s+c-w-1) have all their `window` successors in the buffer.
         return (buf_bits[:, c:], buf_valid[:, c:], kept), d[:, :c]
 
     kept0 = jnp.zeros((b, t) + out.shape, out.dtype) if keep else None
     init = (jnp.zeros((b, window, nbytes), jnp.uint8), jnp.zeros((b, window), bool), kept0)
     (last_bits, last_valid, kept), ds = jax.lax.scan(body, init, jnp.arange(chunks.n))
-    d_tail = clustering.hamming_distances(last_bits, window, last_valid, num_features=num_features)
+    d_tail = clustering.prefix_hamming_distances(
+        last_bits, window, last_valid, num_features=num_features
+    )
     # ds covers frames [-w, n*c - w), d_tail [n*c - w, n*c): drop the w leading dummies.
     d = jnp.concatenate([jnp.moveaxis(ds, 0, 1).reshape(b, -1), d_tail], axis=1)
     return d[:, window : window + t], kept
@@ -398,7 +408,7 @@ def clustered_sums(
         acts = stem_apply(variables, videos.reshape((b * t,) + videos.shape[2:]))
         acts = acts.reshape((b, t) + acts.shape[1:])
         flat = jax.lax.stop_gradient(acts).reshape(b, t, -1)
-        d = clustering.hamming_distances(
+        d = clustering.prefix_hamming_distances(
             clustering.sign_bits(flat), window, mask, num_features=flat.shape[-1]
         )
         seg = segment(d, k, mask)
