@@ -19,6 +19,8 @@ Layout (all fields, see `default_config` for meanings):
 
 Over 400 lines on purpose: every field's default, meaning and check live in this one module,
 so that one file answers what a field is and which values it takes.
+`RESUMABLE_FIELDS` lists, with the reason, the fields a resumed run may change; the others
+(`run_settings`) are stored in each checkpoint and compared on resume (`compare_for_resume`).
 This module imports only ml_collections and the standard library, so configs load fast.
 The names a field may take are defined once, where they are implemented: backbones and
 cluster points in `fva_jax.models.resnet`, samplings and memory plans in

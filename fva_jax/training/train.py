@@ -206,6 +206,8 @@ def train_and_evaluate(
       the same dict is written to workdir/final_metrics.json by process 0.
 
     Raises:
+      fva_jax.config_lib.ConfigError: workdir's checkpoint was written with other settings
+        (checkpoints.check_resume), before the data set is opened.
       fva_jax.training.faults.Preempted: SIGTERM stopped the run (see training.faults): during
         training after checkpointing the step it reached; during the set-up or an
         evaluation at once, the latest checkpoint complete. Running again resumes.
