@@ -19,6 +19,8 @@ Layout (all fields, see `default_config` for meanings):
 
 Over 400 lines on purpose: every field's default, meaning and check live in this one module,
 so that one file answers what a field is and which values it takes.
+`RESUMABLE_FIELDS` lists, with the reason, the fields a resumed run may change; the others
+(`run_settings`) are stored in each checkpoint and compared on resume (`compare_for_resume`).
 This module imports only ml_collections and the standard library, so configs load fast.
 The names a field may take are defined once, where they are implemented: backbones and
 cluster points in `fva_jax.models.resnet`, samplings and memory plans in
@@ -215,6 +217,102 @@ def default_config() -> ml_collections.ConfigDict:
     # default is 100). It bounds how long the other processes of a run wait for a lost one.
     c.distributed.heartbeat_timeout_s = 100
     return c
+
+
+# The fields a resumed run may change, each with the reason. Every other field shapes the data
+# order, the crops, the model or the optimisation: the trainer stores them in each checkpoint
+# (`run_settings`) and refuses a resume that changes one (`compare_for_resume`). An allow-list,
+# so that a new field is checked unless it is added here. "group.*" covers a whole group.
+RESUMABLE_FIELDS = {
+    "compilation_cache_dir": "where compiled programs are cached, not what they compute",
+    "fast_compile": "how XLA optimises the same programs (speed; at most float rounding)",
+    "data.data_dir": "the built data set may move; its records are the same",
+    "data.manual_dir": "the downloaded data may move; it is only read to build the data set",
+    "data.eval_split": "evaluation reads the weights, it changes nothing in training",
+    "data.num_workers": "how many processes decode the same planned steps",
+    "data.prefetch": "how many of the same steps are read ahead",
+    "model.plan": "the memory plans give the same logits and gradients up to float rounding",
+    "model.activation_budget_mb": "it only chooses the memory plan (model.plan)",
+    "train.log_every_steps": "logging only",
+    "train.init_from": "used only at the first start; a resumed run keeps its checkpoint",
+    "checkpoint.*": "how often checkpoints are written and how many are kept",
+    "eval.*": "evaluation reads the weights, it changes nothing in training",
+    "distributed.*": "addresses and process ids change when a pod restarts",
+}
+
+# The run's length: stored and checked like the others, except that a longer run is allowed
+# (with a warning: the learning-rate schedule is recomputed for the new length).
+RUN_LENGTH_FIELDS = ("train.num_epochs", "train.num_train_steps")
+
+
+def is_resumable(field: str) -> bool:
+    """Whether `field` (dotted, without "config.") may change when a run resumes."""
+    return field in RESUMABLE_FIELDS or any(
+        key.endswith(".*") and field.startswith(key[:-1]) for key in RESUMABLE_FIELDS
+    )
+
+
+def run_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Dotted name -> value (tuples as lists, for JSON) of every field that a resume must keep:
+    all but RESUMABLE_FIELDS."""
+    settings = {}
+
+    def walk(node, prefix):
+        for key in sorted(node.keys()):
+            value = node[key]
+            if isinstance(value, ml_collections.ConfigDict):
+                walk(value, prefix + key + ".")
+            elif not is_resumable(prefix + key):
+                settings[prefix + key] = list(value) if isinstance(value, tuple) else value
+
+    walk(config, "")
+    return settings
+
+
+def _comparable(value):
+    return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
+def _run_length(settings: dict[str, Any]) -> tuple[str, float] | None:
+    """(the field that sets the run's length, its value), or None if not stored."""
+    if not all(f in settings for f in RUN_LENGTH_FIELDS):
+        return None
+    if settings["train.num_train_steps"] > 0:
+        return "train.num_train_steps", settings["train.num_train_steps"]
+    return "train.num_epochs", settings["train.num_epochs"]
+
+
+def compare_for_resume(
+    stored: dict[str, Any], config: ml_collections.ConfigDict, *, finished: bool
+) -> tuple[list[str], list[str], list[str]]:
+    """(refused, longer, unchecked): what resuming a checkpoint whose `run_settings` were
+    `stored` with `config` changes. refused and longer are "config.FIELD OLD -> NEW" strings:
+    fields outside RESUMABLE_FIELDS that changed, and the run's length raised (allowed).
+    A shorter run is refused unless the checkpoint's run had `finished` (then nothing is
+    trained), as is switching between train.num_epochs and train.num_train_steps (which one
+    is longer is known only from the data set). unchecked: fields the checkpoint did not
+    store (written by an older fva_jax)."""
+    now = run_settings(config)
+
+    def change(field):
+        return f"config.{field} {_comparable(stored[field])!r} -> {_comparable(now[field])!r}"
+
+    changed = [
+        f
+        for f in sorted(now.keys() & stored.keys())
+        if _comparable(stored[f]) != _comparable(now[f])
+    ]
+    refused = [change(f) for f in changed if f not in RUN_LENGTH_FIELDS]
+    longer = []
+    before, after = _run_length(stored), _run_length(now)
+    if before is not None and before != after:
+        if before[0] != after[0]:
+            refused += [change(f) for f in changed if f in RUN_LENGTH_FIELDS]
+        elif after[1] > before[1]:
+            longer.append(change(after[0]))
+        elif not finished:
+            refused.append(change(after[0]))
+    return refused, longer, sorted(f"config.{f}" for f in now.keys() - stored.keys())
 
 
 def _fail(field: str, message: str):

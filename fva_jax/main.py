@@ -10,7 +10,9 @@ r"""Entry point: train or evaluate a config.
 Any config field can be overridden with --config.<group>.<field>=VALUE. A misspelt field
 name (fva_jax.config_lib.check_overrides) or a bad value (config_lib.validate_config) ends the
 program before any work with one line on stderr naming the field, the value and the fix, and
-exit status 2. Training resumes from WORKDIR/checkpoints by itself.
+exit status 2. Training resumes from WORKDIR/checkpoints by itself; a resume whose config
+changes a field the checkpoint stored (one outside config_lib.RESUMABLE_FIELDS) ends the same
+way, naming each field with its old and new value (training.checkpoints.check_resume).
 
 Exit statuses (training.faults): 0 done; 1 an unexpected error (traceback); 2 a config error;
 75 stopped by SIGTERM (preemption) after checkpointing the step reached: run the same command

@@ -356,3 +356,24 @@ def test_model_fields_are_the_model_constructor_arguments():
     defaults = {f.name: f.default for f in dataclasses.fields(FullVideoModel)}
     assert config.model.plan == defaults["plan"] == "auto"
     assert config.model.activation_budget_mb == defaults["activation_budget_mb"] == -1
+
+
+def test_resumable_fields_name_existing_fields_each_with_a_reason():
+    """config_lib.RESUMABLE_FIELDS names fields (or "group.*" groups) that exist, each with a
+    reason; everything else, a new field included, is in run_settings (checked on resume)."""
+    config = config_lib.default_config()
+    for name, reason in config_lib.RESUMABLE_FIELDS.items():
+        node = config
+        for part in name.removesuffix(".*").split("."):
+            assert part in node, name
+            node = node[part]
+        assert isinstance(node, type(config)) == name.endswith(".*"), name
+        assert isinstance(reason, str) and reason, name
+    config.model.new_field = 1  # a field added later is checked unless listed
+    settings = config_lib.run_settings(config)
+    assert settings["seed"] == 0 and settings["model.new_field"] == 1
+    assert settings["data.crop_scales"] == [1.0, 0.875, 0.75, 0.66]  # as JSON stores it
+    assert set(config_lib.RUN_LENGTH_FIELDS) <= set(settings)
+    for resumable in ("data.num_workers", "model.plan", "train.init_from", "eval.batch_size"):
+        assert resumable not in settings
+    assert not any(k.split(".")[0] in ("checkpoint", "eval", "distributed") for k in settings)

@@ -394,6 +394,12 @@ def test_resume_after_kill_gives_identical_metrics(full_run, tmp_path):
     assert train_log == full_log[1:]  # the same videos, frames and labels in the same steps
     a, b = restore_state(full_workdir, STEPS), restore_state(tmp_path, STEPS)
     jax.tree.map(np.testing.assert_array_equal, a, b)
+    # The worker count may change on resume; config.json keeps the first start's config, the
+    # resumed start's is beside it, and the tools read the latest.
+    assert json.loads((tmp_path / "config.json").read_text())["data"]["num_workers"] == 0
+    resumed_config = json.loads((tmp_path / "config.resumed-4.json").read_text())
+    assert resumed_config == json.loads(json.dumps(with_worker.to_dict()))
+    assert checkpoints.load_run_config(tmp_path)[0].data.num_workers == 1
 
 
 def test_evaluation_during_training_does_not_change_training(full_run, tmp_path):
@@ -426,18 +432,147 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, compile_cache, 
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
 
 
+def copy_run(full_workdir, workdir, last_step: int = STEPS) -> pathlib.Path:
+    """A copy of a run's config files and checkpoints up to `last_step` in `workdir`."""
+    workdir = pathlib.Path(workdir)
+    shutil.copytree(full_workdir / "checkpoints", workdir / "checkpoints")
+    for name in (checkpoints.CONFIG_FILE, checkpoints.DATASET_INFO_FILE):
+        shutil.copy(full_workdir / name, workdir / name)
+    for step in checkpoint_steps(workdir):
+        if step > last_step:
+            shutil.rmtree(workdir / "checkpoints" / str(step))
+    return workdir
+
+
+def forget_stored_settings(workdir, step: int, fields=None) -> None:
+    """Removes the run's settings (or only `fields` of them) from checkpoint `step`'s data
+    JSON, as a checkpoint written before they were stored."""
+    path = pathlib.Path(workdir) / "checkpoints" / str(step) / "data" / "metadata"
+    data = json.loads(path.read_text())
+    if fields is None:
+        del data["config"], data["total_steps"]
+    else:
+        for field in fields:
+            del data["config"][field]
+    path.write_text(json.dumps(data))
+
+
 def test_changed_epochs_on_resume_are_rejected(full_run, tmp_path):
     """A checkpoint's data position that does not match its step under the current config
-    (here: a longer warm-up) is an error naming the fields, not a silent mismatch."""
+    (here: a longer warm-up) is an error naming the fields, not a silent mismatch; also for a
+    checkpoint that does not store the run's settings (check_resume cannot refuse it)."""
     config, full_workdir, _, _ = full_run
-    shutil.copytree(full_workdir / "checkpoints", tmp_path / "checkpoints")
-    for step in (8, 12, STEPS):  # resume from step 4: epoch 1 (full videos), data step 1
-        shutil.rmtree(tmp_path / "checkpoints" / str(step))
+    # Resume from step 4: epoch 1 (full videos), data step 1.
+    copy_run(full_workdir, tmp_path, last_step=4)
+    forget_stored_settings(tmp_path, 4)
     config = tiny_config(
         config.data.data_dir, **{"train.uniform_warmup_epochs": 2, "train.num_epochs": 3.0}
     )
     with pytest.raises(ValueError, match=r"uniform_warmup_epochs.*changed"):
         train_run(config, tmp_path)
+
+
+class _NoData:
+    """A data module that fails when touched: a refused resume opens no data set."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the data set was opened (data.{name})")
+
+
+@pytest.mark.parametrize(
+    "field, value, shown",
+    [
+        ("seed", 1, "config.seed 0 -> 1"),
+        ("data.crop_size", 24, "config.data.crop_size 16 -> 24"),
+        ("model.num_clusters", 2, "config.model.num_clusters 4 -> 2"),
+        ("train.uniform_warmup_epochs", 2, "config.train.uniform_warmup_epochs 1.0 -> 2.0"),
+    ],
+)
+def test_resume_with_changed_settings_is_refused_before_reading_data(
+    full_run, tmp_path, field, value, shown
+):
+    """A changed field that shapes the data order, the crops or the model stops the run
+    before the data set is opened, with one line naming the field and both values, and
+    nothing in the workdir changes."""
+    config, full_workdir, _, _ = full_run
+    workdir = copy_run(full_workdir, tmp_path / "run", last_step=8)
+    before = {p: p.stat().st_mtime_ns for p in workdir.rglob("*")}
+    changed = tiny_config(config.data.data_dir, **{field: value})
+    with pytest.raises(config_lib.ConfigError) as refused:
+        train.train_and_evaluate(changed, str(workdir), data=_NoData())
+    message = str(refused.value)
+    assert "\n" not in message
+    assert f"cannot resume checkpoint step 8 in {workdir}/checkpoints: {shown} changed" in message
+    assert {p: p.stat().st_mtime_ns for p in workdir.rglob("*")} == before
+
+
+def test_resume_with_changed_seed_exits_2_through_main(full_run, data_dir, tmp_path):
+    """fva_jax.main prints the refusal as one line and exits with status 2."""
+    _, full_workdir, _, _ = full_run
+    workdir = copy_run(full_workdir, tmp_path / "run")
+    proc = _run_main([f"--workdir={workdir}", *flags_for(data_dir, seed=7)], {})
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2, log[-3000:]
+    lines = [line for line in log.splitlines() if line.startswith("fva_jax.main:")]
+    assert lines == [
+        f"fva_jax.main: config error: cannot resume checkpoint step {STEPS} in "
+        f"{workdir}/checkpoints: config.seed 0 -> 7 changed since it was written (a resumed "
+        "run must continue the same run; config_lib.RESUMABLE_FIELDS lists what may change). "
+        f"Restore them (the run's config: {workdir}/config.json), or use a new --workdir"
+    ], log[-3000:]
+    assert "Traceback" not in log
+
+
+def test_resume_length_longer_warns_shorter_refused_unless_finished(full_run, tmp_path):
+    """More epochs or steps: allowed with a warning. Fewer: refused, unless the run had
+    finished; switching between num_epochs and num_train_steps: refused."""
+    config, full_workdir, _, _ = full_run
+    data_dir = config.data.data_dir
+    finished = copy_run(full_workdir, tmp_path / "finished")
+    midway = copy_run(full_workdir, tmp_path / "midway", last_step=4)
+    longer = tiny_config(data_dir, **{"train.num_epochs": 3.0})
+    shorter = tiny_config(data_dir, **{"train.num_epochs": 1.5})
+    for workdir in (finished, midway):
+        assert checkpoints.check_resume(config, workdir) == []
+        [warning] = checkpoints.check_resume(longer, workdir)
+        assert warning.startswith("config.train.num_epochs 2.0 -> 3.0: training longer")
+        assert "the learning-rate schedule is recomputed" in warning
+    assert checkpoints.check_resume(shorter, finished) == []  # nothing left to train
+    with pytest.raises(config_lib.ConfigError, match=r"config\.train\.num_epochs 2\.0 -> 1\.5 "):
+        checkpoints.check_resume(shorter, midway)
+    in_steps = tiny_config(data_dir, **{"train.num_train_steps": 20})
+    with pytest.raises(config_lib.ConfigError, match=r"config\.train\.num_train_steps -1 -> 20"):
+        checkpoints.check_resume(in_steps, midway)
+
+
+def test_finished_run_rerun_shorter_only_evaluates(full_run, tmp_path):
+    """A finished run started again with fewer epochs trains nothing and evaluates its last
+    checkpoint: the uninterrupted run's metrics; its config is kept beside config.json."""
+    config, full_workdir, final, _ = full_run
+    workdir = copy_run(full_workdir, tmp_path / "run")
+    shorter = tiny_config(config.data.data_dir, **{"train.num_epochs": 1.5})
+    assert train_run(shorter, workdir) == final
+    assert checkpoint_steps(workdir) == checkpoint_steps(full_workdir)
+    assert json.loads((workdir / "config.json").read_text()) == json.loads(
+        json.dumps(config.to_dict())
+    )
+    assert checkpoints.load_run_config(workdir)[0].train.num_epochs == 1.5
+
+
+def test_checkpoint_without_stored_settings_resumes_with_a_warning(full_run, tmp_path):
+    """A checkpoint written before the settings were stored (or without some of them): not
+    refused, one warning naming what cannot be checked."""
+    config, full_workdir, _, _ = full_run
+    old = copy_run(full_workdir, tmp_path / "old", last_step=4)
+    forget_stored_settings(old, 4)
+    changed = tiny_config(config.data.data_dir, seed=1)
+    [warning] = checkpoints.check_resume(changed, old)
+    assert warning.startswith(f"checkpoint step 4 in {old}/checkpoints was written before")
+    assert "a changed seed, crop, bucket, model or optimizer setting cannot be detected" in warning
+    partial = copy_run(full_workdir, tmp_path / "partial", last_step=4)
+    forget_stored_settings(partial, 4, ["model.window", "data.hflip"])
+    [warning] = checkpoints.check_resume(config, partial)
+    assert "does not store config.data.hflip, config.model.window (written by" in warning
 
 
 def test_persistent_compilation_cache_in_workdir(compile_cache, tmp_path):

@@ -3,7 +3,8 @@ r"""Classify video files with a trained run: top-5 classes and the segments the 
   python -m fva_jax.tools.predict --workdir=/tmp/fva_demo video1.mp4 video2.avi frames_folder/
 
 Loads the latest checkpoint of WORKDIR (or --step), the config and class names the trainer
-saved there (config.json, dataset_info.json), decodes each video with the run's evaluation
+saved there (the latest config: config.json, or config.resumed-<step>.json of a resumed run;
+dataset_info.json), decodes each video with the run's evaluation
 crop (TSN centre crop: the shorter side scaled to data.resize_short and the centre crop_size
 square) and runs FullVideoModel in eval mode on all its frames.
 

@@ -17,7 +17,8 @@ Features: without ``--workdir``, the fixed random-weight conv features of
 ``fva_jax.tools.clustering_demo`` (no training needed); with ``--workdir``, the stem (conv1 ...
 cluster point, running BatchNorm statistics) of the latest checkpoint of a run trained by
 ``fva_jax.main``: exactly the activations the model clusters. Backbone, width, cluster
-point and compute dtype come from the run's ``config.json``.
+point and compute dtype come from the run's latest config (``config.json``, or the
+``config.resumed-<step>.json`` of its last start).
 
 The picture is drawn by ``fva_jax.training.timeline.render_timeline``, which also draws the
 trainer's TensorBoard pictures of the clusters.
@@ -85,7 +86,8 @@ def stem_from_config(model_config, params: dict, batch_stats: dict) -> tuple[Any
     if shapes(expected) != shapes(variables):
         raise ValueError(
             f"the checkpoint's stem is not the one config.model describes ({m.backbone}, width "
-            f"{m.width}, cluster_point {m.cluster_point}): was config.json changed after training?"
+            f"{m.width}, cluster_point {m.cluster_point}): was the run's config file changed "
+            "after training?"
         )
     return stem, variables, f"{m.backbone} width {m.width} stem up to {m.cluster_point}"
 
@@ -96,7 +98,7 @@ def load_checkpoint_stem(
     """(feature function uint8 (n, H, W, 3) -> (n, F), description) from ``workdir/checkpoints``.
 
     Reads the latest step (or ``step``) written by ``fva_jax.training.train``, and the model's
-    configuration from the run's ``config.json``.
+    configuration from the run's latest config (``checkpoints.load_run_config``).
     """
     from fva_jax.models import resnet
     from fva_jax.training import checkpoints

@@ -2,17 +2,21 @@
 
 Layout of a workdir written by fva_jax.training.train:
 
-  config.json, dataset_info.json   the run's config and {num_classes, class_names,
-                                    num_examples} (CONFIG_FILE, DATASET_INFO_FILE)
+  config.json, dataset_info.json   the run's config at its first start and {num_classes,
+                                    class_names, num_examples} (CONFIG_FILE, DATASET_INFO_FILE)
+  config.resumed-<step>.json        the config of a later start that resumed checkpoint <step>
+                                    (RESUMED_CONFIG_FILE); tools read the latest
   checkpoints/<step>/state          the TrainState (orbax StandardSave)
-  checkpoints/<step>/data           JSON: the data state {"epoch", "step"}, the host layout
-                                    and the last step's training metrics
+  checkpoints/<step>/data           JSON: the data state {"epoch", "step"}, the host layout,
+                                    the last step's training metrics, the run's settings
+                                    (config_lib.run_settings) and its total steps
 
   checkpoints/corrupt-<step>-<time>  a checkpoint that could not be read, moved aside by
                                     `restore_latest` (Orbax ignores the name)
 
-The trainer uses `checkpoint_manager`, `save`, `restore_latest`; tools (predict, visualize)
-use `load_run_config` and `restore_variables`, which need no config and no trainer.
+The trainer uses `check_resume` (before it opens the data), `checkpoint_manager`, `save`,
+`restore_latest`; tools (predict, visualize) use `load_run_config` and `restore_variables`,
+which need no config and no trainer.
 
 Faults: orbax writes a step into `<step>.orbax-checkpoint-tmp*` and renames it when complete,
 so a run killed while saving leaves the previous steps as they were. A save that fails for
@@ -39,6 +43,8 @@ from fva_jax import config_lib
 from fva_jax.training import faults
 
 CONFIG_FILE = "config.json"
+# The config of each later start that resumed checkpoint <step>; config.json stays the first's.
+RESUMED_CONFIG_FILE = "config.resumed-{step}.json"
 DATASET_INFO_FILE = "dataset_info.json"
 
 
@@ -57,17 +63,22 @@ def save(
     data_state: dict[str, int],
     last_train: dict[str, float],
     epoch: dict[str, Any] | None = None,
+    *,
+    settings: dict[str, Any] | None = None,
+    total_steps: int | None = None,
 ) -> None:
     """Saves the train state and, as JSON, the data state {"epoch", "step"} (the position of
     the next batch, the same on every host), the host layout it was planned for, the last
     step's training metrics (so final_metrics.json is complete even if a restart only
-    evaluates) and `epoch` (the trainer's description of the data state's epoch, e.g. its
-    mode and length, to check a resume against). A collective: every process calls it.
+    evaluates), `epoch` (the trainer's description of the data state's epoch, e.g. its
+    mode and length, to check a resume against), and the run's `settings`
+    (config_lib.run_settings) and `total_steps`, which `check_resume` compares a restarted
+    run's config with. A collective: every process calls it.
 
     Raises fva_jax.training.faults.CheckpointWriteError when the file system refuses the write (no
     space, no permission): the latest complete checkpoint is left as it was."""
     try:
-        _save(mngr, step, state, data_state, last_train, epoch)
+        _save(mngr, step, state, data_state, last_train, epoch, settings, total_steps)
     except Exception as error:  # pylint: disable=broad-except
         found = faults.storage_error(error)
         if found is None:
@@ -119,7 +130,7 @@ def _remove_partial_save(directory, step: int) -> None:
             logging.warning("could not remove the partial checkpoint %s: %s", partial, e)
 
 
-def _save(mngr, step, state, data_state, last_train, epoch) -> None:
+def _save(mngr, step, state, data_state, last_train, epoch, settings, total_steps) -> None:
     mngr.save(
         step,
         args=ocp.args.Composite(
@@ -134,6 +145,11 @@ def _save(mngr, step, state, data_state, last_train, epoch) -> None:
                     "device_count": jax.device_count(),
                     "last_train": last_train,
                     "epoch": epoch or {},
+                    **(
+                        {"config": settings, "total_steps": int(total_steps)}
+                        if settings is not None
+                        else {}
+                    ),
                 }
             ),
         ),
@@ -206,6 +222,68 @@ def restore_latest(mngr: ocp.CheckpointManager, state):
         )
 
 
+def _latest_data_record(ckpt_dir: epath.Path) -> tuple[int, dict[str, Any]] | None:
+    """(step, the data JSON) of the latest checkpoint in `ckpt_dir` whose data JSON can be
+    read (the one restore_latest restores, unless its arrays are unreadable: then an earlier
+    one of the same run), or None when there is none. Reads files only."""
+    if not ckpt_dir.is_dir():
+        return None
+    for step in sorted((int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()), reverse=True):
+        try:
+            data = json.loads((ckpt_dir / str(step) / "data" / "metadata").read_text())
+        except (OSError, ValueError):
+            continue  # restore_latest moves it aside
+        if isinstance(data, dict) and "data_state" in data:
+            return step, data
+    return None
+
+
+def check_resume(config: ml_collections.ConfigDict, workdir) -> list[str]:
+    """Before any work: refuses to resume the latest checkpoint of `workdir` with a config
+    that changes a field it stored (config_lib.run_settings), raising config_lib.ConfigError
+    with one line naming each field with its old and new value. Returns the warnings it
+    logged: a longer run (the learning-rate schedule is recomputed), a checkpoint written
+    before the settings were stored (only the data position can be checked). Nothing when
+    there is no checkpoint. Every process reads the same files, so all decide the same."""
+    ckpt_dir = epath.Path(workdir) / "checkpoints"
+    found = _latest_data_record(ckpt_dir)
+    if found is None:
+        return []
+    step, data = found
+    stored = data.get("config")
+    if stored is None:
+        warnings = [
+            f"checkpoint step {step} in {ckpt_dir} was written before fva_jax stored the run's "
+            "settings: a changed seed, crop, bucket, model or optimizer setting cannot be "
+            "detected (only the data position is checked); resuming"
+        ]
+    else:
+        refused, longer, unchecked = config_lib.compare_for_resume(
+            stored, config, finished=step >= int(data.get("total_steps", step + 1))
+        )
+        if refused:
+            raise config_lib.ConfigError(
+                f"cannot resume checkpoint step {step} in {ckpt_dir}: {', '.join(refused)} "
+                "changed since it was written (a resumed run must continue the same run; "
+                f"config_lib.RESUMABLE_FIELDS lists what may change). Restore them (the run's "
+                f"config: {run_config_path(workdir)}), or use a new --workdir"
+            )
+        warnings = [
+            f"{change}: training longer than the run was started for, from checkpoint step "
+            f"{step}; the learning-rate schedule is recomputed for the new length, so the run "
+            "no longer equals an uninterrupted one"
+            for change in longer
+        ]
+        if unchecked:
+            warnings.append(
+                f"checkpoint step {step} in {ckpt_dir} does not store {', '.join(unchecked)} "
+                "(written by an older fva_jax): a change of these cannot be detected"
+            )
+    for warning in warnings:
+        logging.warning("%s", warning)
+    return warnings
+
+
 def unreadable_reason(directory, step: int) -> str | None:
     """Why checkpoint `step` in `directory` cannot be read, or None if it can (its data state
     JSON, its state metadata and every array are read, onto the host)."""
@@ -273,11 +351,19 @@ def write_json(path: epath.Path, obj) -> None:
                 tmp.unlink()
 
 
-def write_run_info(workdir, config: ml_collections.ConfigDict, info: dict[str, Any]) -> None:
-    """config.json and dataset_info.json: what fva_jax.tools.predict needs to rebuild the model and
-    name the classes."""
+def write_run_info(
+    workdir,
+    config: ml_collections.ConfigDict,
+    info: dict[str, Any],
+    resumed_from: int | None = None,
+) -> None:
+    """The config and dataset_info.json: what fva_jax.tools.predict needs to rebuild the model
+    and name the classes. The config goes to config.json at the first start and, when the run
+    resumes checkpoint `resumed_from`, to config.resumed-<step>.json beside it (config.json
+    keeps the first start's)."""
     workdir = epath.Path(workdir)
-    write_json(workdir / CONFIG_FILE, config.to_dict())
+    name = CONFIG_FILE if resumed_from is None else RESUMED_CONFIG_FILE.format(step=resumed_from)
+    write_json(workdir / name, config.to_dict())
     write_json(
         workdir / DATASET_INFO_FILE,
         {
@@ -327,11 +413,25 @@ def restore_variables(workdir, step: int | None = None) -> tuple[dict[str, Any],
     return {"params": state["params"], "batch_stats": state.get("batch_stats", {})}, int(step)
 
 
+def run_config_path(workdir) -> epath.Path:
+    """The latest config of the run in `workdir`: config.resumed-<step>.json of the highest
+    step, else config.json (which may not exist)."""
+    workdir = epath.Path(workdir)
+    prefix, suffix = RESUMED_CONFIG_FILE.split("{step}")
+    resumed = [
+        (int(p.name[len(prefix) : -len(suffix)]), p)
+        for p in (workdir.glob(RESUMED_CONFIG_FILE.format(step="*")) if workdir.is_dir() else [])
+        if p.name[len(prefix) : -len(suffix)].isdigit()
+    ]
+    return max(resumed)[1] if resumed else workdir / CONFIG_FILE
+
+
 def load_run_config(workdir) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
     """(config, dataset info {num_classes, class_names, num_examples}) that train_and_evaluate
-    saved in `workdir` (config.json, dataset_info.json)."""
+    saved in `workdir`: the latest config (`run_config_path`: the one of the last start) and
+    dataset_info.json."""
     workdir = epath.Path(workdir)
-    found = [workdir / f for f in (CONFIG_FILE, DATASET_INFO_FILE)]
+    found = [run_config_path(workdir), workdir / DATASET_INFO_FILE]
     missing = [str(f) for f in found if not f.exists()]
     if missing:
         raise FileNotFoundError(

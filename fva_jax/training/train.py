@@ -55,6 +55,7 @@ from absl import logging
 from etils import epath
 from jax.experimental.compilation_cache import compilation_cache
 
+from fva_jax import config_lib
 from fva_jax.training import checkpoints, experiment, faults, steps, summaries
 from fva_jax.training.distributed import initialize_distributed, to_host
 from fva_jax.training.evaluation import eval_modes, evaluate_state
@@ -205,6 +206,8 @@ def train_and_evaluate(
       the same dict is written to workdir/final_metrics.json by process 0.
 
     Raises:
+      fva_jax.config_lib.ConfigError: workdir's checkpoint was written with other settings
+        (checkpoints.check_resume), before the data set is opened.
       fva_jax.training.faults.Preempted: SIGTERM stopped the run (see training.faults): during
         training after checkpointing the step it reached; during the set-up or an
         evaluation at once, the latest checkpoint complete. Running again resumes.
@@ -213,6 +216,8 @@ def train_and_evaluate(
       fva_jax.training.faults.LostProcessError: another process of a multi-process run was lost.
     """
     initialize_distributed(config.distributed)
+    # A resume that would change the run is refused before the data set is built or read.
+    checkpoints.check_resume(config, workdir)
     with faults.StopNotice() as notice, compilation_cache_for(config, workdir):
         with notice.interruptible("the set-up (data set, model)"):
             run = experiment.make_run(
@@ -272,8 +277,6 @@ def _train_and_evaluate(run: Run, on_step, notice: faults.StopNotice, status) ->
             jax.process_count(),
             run.num_classes,
         )
-        with notice.deferred():  # whole files or none
-            checkpoints.write_run_info(workdir, c, run.info)
         state = experiment.init_state(run)
     mngr = checkpoints.checkpoint_manager(workdir, c.checkpoint.keep)
     writer = summaries.SummaryWriter(workdir if jax.process_index() == 0 else None)
@@ -283,6 +286,8 @@ def _train_and_evaluate(run: Run, on_step, notice: faults.StopNotice, status) ->
         with notice.interruptible(f"restoring from {ckpt_dir}"):
             last_saved, restored = checkpoints.restore_latest(mngr, state)
         status["last_saved"] = last_saved
+        with notice.deferred():  # whole files or none; a resumed start keeps config.json
+            checkpoints.write_run_info(workdir, c, run.info, resumed_from=last_saved)
         if restored is not None:
             # The checkpoint already holds the (fine-tuned) weights: train.init_from is not
             # re-applied.
@@ -316,7 +321,16 @@ def _train_and_evaluate(run: Run, on_step, notice: faults.StopNotice, status) ->
         def save(step: int, epoch, i: int) -> None:
             nonlocal last_saved
             data_state = {"epoch": epoch.index, "step": i + 1}
-            checkpoints.save(mngr, step, state, data_state, last_train, _epoch_info(epoch))
+            checkpoints.save(
+                mngr,
+                step,
+                state,
+                data_state,
+                last_train,
+                _epoch_info(epoch),
+                settings=config_lib.run_settings(c),
+                total_steps=plan.total_steps,
+            )
             last_saved = status["last_saved"] = step
 
         def checkpoint_and_stop(done) -> faults.Preempted:
