@@ -211,7 +211,9 @@ def reference_eval(config, variables, mode: str) -> dict:
     logits, y = np.stack(logits), np.array(labels)
     top = logits.max(1, keepdims=True)
     logp = logits - top - np.log(np.exp(logits - top).sum(1, keepdims=True))
-    rank = (logits > logits[np.arange(len(y)), y][:, None]).sum(1)
+    # The rule of steps.topk_correct: rivals are the other classes not below the label.
+    label_logit = logits[np.arange(len(y)), y][:, None]
+    rank = np.where(np.isfinite(label_logit[:, 0]), (~(logits < label_logit)).sum(1) - 1, 99)
     top1 = (rank < 1).astype(float)
     per_class = [top1[y == c].mean() for c in range(info["num_classes"]) if (y == c).any()]
     return {

@@ -59,6 +59,9 @@ class TrainState:
 class PerClassAccuracy(metrics.Metric):
     """Mean over classes of the per-class top-1 accuracy (classes without examples ignored).
 
+    A video is correct by the rule of `topk_correct` with k = 1 (ties and non-finite logits
+    count as wrong), so this agrees with top1.
+
     correct, total: float32 (num_classes,) counts of correct and all (unmasked) examples.
     """
 
@@ -71,7 +74,7 @@ class PerClassAccuracy(metrics.Metric):
         if mask is None:
             mask = jnp.ones(labels.shape, bool)
         onehot = jax.nn.one_hot(labels, num_classes) * mask[:, None]
-        hit = (jnp.argmax(logits, -1) == labels)[:, None]
+        hit = topk_correct(logits, labels, 1)[:, None]
         return cls(correct=(onehot * hit).sum(0), total=onehot.sum(0))
 
     def merge(self, other):
@@ -108,11 +111,18 @@ class EvalMetrics(metrics.Collection):
 
 
 def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
-    """float32 (B,): 1 where the label is among the k highest logits (ties count as wrong)."""
+    """float32 (B,): 1 where the label's logit is finite and fewer than k other classes have a
+    logit that is not below it; else 0.
+
+    Ties count as wrong (constant logits, e.g. a collapsed classifier, give 0, not 1), and so
+    do NaN or Inf at the label; a NaN logit of another class counts as not below the label's.
+    """
     k = min(k, logits.shape[-1])
     label_logit = jnp.take_along_axis(logits, labels[:, None], axis=-1)
-    higher = jnp.sum(logits > label_logit, axis=-1)
-    return (higher < k).astype(jnp.float32)
+    others = ~jax.nn.one_hot(labels, logits.shape[-1], dtype=bool)
+    # `~(x < y)` rather than `x >= y`: true for NaN, which must not rank below the label.
+    rivals = jnp.sum(others & ~(logits < label_logit), axis=-1)
+    return (jnp.isfinite(label_logit[:, 0]) & (rivals < k)).astype(jnp.float32)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -204,7 +214,10 @@ def train_step(
 def eval_step(
     state: TrainState, batch: dict[str, jax.Array], *, model
 ) -> tuple[EvalMetrics, dict[str, jax.Array]]:
-    """Metrics of one eval batch, and per video: segment_ids int32 (B, T), prediction (B,)."""
+    """Metrics of one eval batch, and per video: segment_ids int32 (B, T), prediction int32
+    (B,): the class with the highest logit, or -1 where no class has a finite logit above all
+    others (a tie or NaN: what top1 counts as wrong), so prediction == label exactly where
+    top1 is 1."""
     logits, segment_ids = model.apply(
         {"params": state.params, "batch_stats": state.batch_stats},
         batch["video"],
@@ -220,4 +233,6 @@ def eval_step(
         labels=labels,
         mask=batch["batch_mask"],
     )
-    return m, {"segment_ids": segment_ids, "prediction": jnp.argmax(logits, -1)}
+    best = jnp.argmax(logits, -1).astype(jnp.int32)
+    prediction = jnp.where(topk_correct(logits, best, 1) > 0, best, -1)
+    return m, {"segment_ids": segment_ids, "prediction": prediction}
