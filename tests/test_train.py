@@ -44,6 +44,7 @@ from fva_jax.training import (
     distributed,
     epochs,
     experiment,
+    faults,
     optim,
     steps,
     train,
@@ -400,14 +401,52 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, compile_cache, 
         },
     )
     with pytest.raises(
-        FloatingPointError,
-        match=r"training loss is (nan|inf|-inf) at step 2; "
-        r"stopping \(the last good checkpoint is step 1",
+        faults.NonFiniteError,
+        match=r"training stopped at step 2: the loss is (nan|inf|-inf)"
+        r".* \(the last good checkpoint is step 1",
     ):
         train_run(config, tmp_path)
     assert checkpoint_steps(tmp_path) == [1]
     state = restore_state(tmp_path, 1)
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
+
+
+@jax.custom_vjp
+def _nan_gradient(x):
+    return x
+
+
+_nan_gradient.defvjp(lambda x: (x, None), lambda _, g: (jnp.full_like(g, jnp.nan),))
+
+
+class _NanGradientOnFullVideos(FullVideoModel):
+    """FullVideoModel whose full-video (clustered) logits are unchanged but whose gradient
+    is NaN; the sampled-frame model (sampling="uniform") is untouched."""
+
+    def __call__(self, videos, mask, *, train: bool):
+        logits, segment_ids = super().__call__(videos, mask, train=train)
+        return (_nan_gradient(logits) if self.sampling == "cluster" else logits), segment_ids
+
+
+def test_nan_gradient_at_a_save_step_stops_before_saving(data_dir, compile_cache, tmp_path):
+    """Step 4, the first full-video step, has a finite loss and a NaN gradient, and is a save
+    step: the run stops there naming the step and the gradient norm; checkpoint 2 (finite)
+    is the latest; nothing of step 4 is written (no checkpoint, no scalars)."""
+    del compile_cache
+    config = tiny_config(data_dir, **{"checkpoint.every_steps": 2, "eval.also_uniform": False})
+    with pytest.raises(faults.NonFiniteError) as error:
+        train_run(config, tmp_path, model_cls=_NanGradientOnFullVideos)
+    message = str(error.value)
+    assert re.match(
+        r"training stopped at step 4: the gradient norm is nan \(the last good checkpoint is "
+        rf"step 2 in {re.escape(str(tmp_path))}/checkpoints; nothing of step 4 was saved\)",
+        message,
+    ), message
+    assert "\n" not in message and (error.value.step, error.value.latest_step) == (4, 2)
+    assert checkpoint_steps(tmp_path) == [2]
+    state = restore_state(tmp_path, 2)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
+    assert sorted(read_events(tmp_path)["train/loss"]) == [1, 2, 3]
 
 
 def test_changed_epochs_on_resume_are_rejected(full_run, tmp_path):

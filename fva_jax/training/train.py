@@ -22,14 +22,16 @@ One readable loop in the style of big_vision / flax examples/imagenet:
   command ends with exactly the metrics of an uninterrupted one;
 * TensorBoard events and log lines without TensorFlow (fva_jax.training.summaries), a progress line
   with steps/s and ETA;
-* a NaN/Inf training loss stops the run with `FloatingPointError` before anything non-finite
-  is checkpointed;
+* a step whose training loss or gradient norm is NaN/Inf stops the run with
+  `faults.NonFiniteError` (a FloatingPointError) naming the step, before anything of that step
+  is checkpointed: the last good checkpoint is the latest;
 * evaluation of every video of the eval split once: whole videos ("eval"; and, with
   config.eval.also_uniform, K uniformly chosen frames, "eval_uniform"), or K frames for the
   sampling baselines; `workdir/final_metrics.json` (training) or `eval_metrics.json`
   (evaluate);
 * faults (training.faults): SIGTERM finishes the step in flight, checkpoints it and exits 75;
   a checkpoint that cannot be written stops with 74; a lost process ends the others with 69;
+  a NaN/Inf loss or gradient norm stops with 65;
   an unreadable latest checkpoint is moved aside and the previous one restored.
 
 The module is a little over 400 lines because the loop and `evaluate` each wrap their work in
@@ -143,19 +145,23 @@ def _train_batches(run: Run, start: int) -> Iterator[tuple[Any, int, dict[str, n
 
 
 def _check_finite(pending: list[tuple[int, Any]], last_saved: int | None, workdir) -> None:
-    """Raises FloatingPointError at the first step whose training loss is NaN/Inf."""
+    """Raises faults.NonFiniteError at the first step whose training loss or gradient norm is
+    NaN/Inf (a finite loss with a non-finite gradient leaves non-finite parameters)."""
     for step, m in pending:
-        loss = float(m.loss.compute())
-        if not math.isfinite(loss):
+        values = {"loss": float(m.loss.compute()), "gradient norm": float(m.grad_norm.compute())}
+        bad = [f"the {name} is {v}" for name, v in values.items() if not math.isfinite(v)]
+        if bad:
             kept = (
                 f"the last good checkpoint is step {last_saved} in {workdir}/checkpoints"
                 if last_saved is not None
                 else "no checkpoint was written"
             )
-            raise FloatingPointError(
-                f"training loss is {loss} at step {step}; stopping ({kept}, nothing non-finite was "
-                "saved). Try a lower config.schedule.base_lr, config.optim.grad_clip_norm > 0, or "
-                "config.model.dtype='float32'."
+            raise faults.NonFiniteError(
+                f"training stopped at step {step}: {' and '.join(bad)} ({kept}; nothing of step "
+                f"{step} was saved). Try a lower config.schedule.base_lr, "
+                "config.optim.grad_clip_norm > 0, or config.model.dtype='float32'.",
+                step=step,
+                latest_step=last_saved,
             )
 
 
@@ -211,6 +217,8 @@ def train_and_evaluate(
       fva_jax.training.faults.CheckpointWriteError: a checkpoint could not be written (no space, no
         permission); the latest complete one is intact.
       fva_jax.training.faults.LostProcessError: another process of a multi-process run was lost.
+      fva_jax.training.faults.NonFiniteError: a step's loss or gradient norm was NaN/Inf; the
+        last good checkpoint is the latest.
     """
     initialize_distributed(config.distributed)
     with faults.StopNotice() as notice, compilation_cache_for(config, workdir):
@@ -277,7 +285,7 @@ def _train_and_evaluate(run: Run, on_step, notice: faults.StopNotice, status) ->
         state = experiment.init_state(run)
     mngr = checkpoints.checkpoint_manager(workdir, c.checkpoint.keep)
     writer = summaries.SummaryWriter(workdir if jax.process_index() == 0 else None)
-    # Closed also when a step fails (NaN loss, an exception in on_step, SIGTERM).
+    # Closed also when a step fails (NaN loss or gradient, an exception in on_step, SIGTERM).
     with contextlib.closing(writer), contextlib.closing(mngr):
         last_train = {}
         with notice.interruptible(f"restoring from {ckpt_dir}"):
