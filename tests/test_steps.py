@@ -1,5 +1,6 @@
 """fva_jax.training.steps on tiny stand-in models: the ranking metrics (ties and non-finite
-logits count as wrong) and the eval prediction that agrees with top-1."""
+logits count as wrong), the eval prediction that agrees with top-1, the loss the trainer
+minimises with and without the batch's "weight", and the reported training loss."""
 
 import functools
 
@@ -148,3 +149,39 @@ def test_eval_prediction_is_a_class_only_where_top1_counts_it():
     assert float(m.compute()["top1"]) == 0.25  # only row 1: prediction == label
     # Class 1: one of two right; classes 2 and 0: none.
     assert float(m.compute()["mean_class_accuracy"]) == pytest.approx(0.5 / 3)
+
+
+def test_loss_weights_videos_by_the_batch_weight_and_reports_the_mean():
+    """With "weight", the objective is sum(cross-entropy * weight) (here checked through each
+    row's gradient: weight x (softmax - onehot)); without it, the mean over real videos. The
+    reported train loss is the mean cross-entropy over real videos either way."""
+    shift = ((1.0, 0.0), (0.0, 2.0), (0.5, 0.5), (3.0, -3.0))
+    model = _FixedLogits(rows=4, num_classes=2, shift=shift)
+    labels, real = np.array([0, 0, 1, 1]), np.array([True, True, True, False])
+    logits = np.array(shift, np.float64)
+    ce = np.log(np.exp(logits).sum(1)) - logits[np.arange(4), labels]
+    softmax_minus_onehot = np.exp(logits) / np.exp(logits).sum(1, keepdims=True) - np.eye(2)[labels]
+    weight = np.array([0.25, 0.25, 0.25, 0.0], np.float32)
+    for extra, coefficient in (
+        ({"weight": weight}, weight),
+        ({}, real / real.sum()),
+    ):
+        batch = _batch(labels, real, **extra)
+        state = _state(model, batch)
+        (loss, _), grads = jax.jit(
+            functools.partial(steps.loss_and_grads, model=model, rngs={}, batch_stats={})
+        )(state.params, batch=batch)
+        assert float(loss) == pytest.approx(float((ce * coefficient).sum()), rel=1e-6)
+        np.testing.assert_allclose(
+            np.asarray(grads["bias"]), coefficient[:, None] * softmax_minus_onehot, atol=1e-6
+        )
+        _, metrics = jax.jit(
+            functools.partial(
+                steps.train_step, model=model, tx=optax.sgd(0.1), schedule=lambda _: 0.1
+            )
+        )(state, batch)
+        reported = metrics.compute()
+        assert float(reported["loss"]) == pytest.approx(float(ce[real].mean()), rel=1e-6)
+        assert float(reported["grad_norm"]) == pytest.approx(
+            float(np.linalg.norm(coefficient[:, None] * softmax_minus_onehot)), rel=1e-5
+        )

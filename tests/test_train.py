@@ -24,7 +24,9 @@ import shutil
 import socket
 import subprocess
 import sys
+import types
 
+import flax.linen
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -36,7 +38,7 @@ import recorded_pipeline
 from jax.experimental.compilation_cache import compilation_cache
 
 from fva_jax import config_lib
-from fva_jax.data import builders, frames, pipeline
+from fva_jax.data import batch_plan, builders, frames, pipeline
 from fva_jax.data import records as records_lib
 from fva_jax.models.full_video import FullVideoModel
 from fva_jax.training import (
@@ -556,6 +558,102 @@ def test_schedule_epochs_follow_the_steps_of_each_epoch():
     sched = optim.make_schedule(config, plan.total_steps, plan.epoch_to_step)
     assert [float(sched(s)) for s in (0, 7, 10, 11)] == pytest.approx([0.0, 0.7, 0.7, 0.07])
     assert float(sched(3.5)) == pytest.approx(0.35)
+
+
+class _PlannedTrainData:
+    """The TrainData API of one process over plans made by fva_jax.data.batch_plan alone (no
+    videos): plan(mode, epoch) and iterator(mode, epoch=, start_step=), whose batches hold
+    labels 0 and masks of the plan's rows."""
+
+    def __init__(self, lengths, process_index: int, process_count: int):
+        self.lengths, self.process_index, self.process_count = lengths, process_index, process_count
+
+    def plan(self, mode: str, epoch: int = 0):
+        layout = dict(seed=3, epoch=epoch, process_count=self.process_count, local_device_count=1)
+        if mode == "sampled":
+            return batch_plan.sampled_plan(
+                len(self.lengths), **layout, global_batch=4, num_frames=2, shuffle=True
+            )
+        return batch_plan.full_plan(
+            self.lengths,
+            **layout,
+            frames_per_device=64,
+            chunk_size=8,
+            buckets=(16, 32, 64, 128),
+            shuffle=True,
+        )
+
+    def steps_per_epoch(self, mode: str) -> int:
+        return self.plan(mode).num_steps
+
+    def iterator(self, mode: str, *, epoch: int, start_step: int = 0):
+        plan = self.plan(mode, epoch)
+        for step in range(start_step, plan.num_steps):
+            real = plan.rows(step, self.process_index) >= 0
+            yield {
+                "video": np.zeros((len(real), 1, 1, 1, 3), np.uint8),
+                "mask": np.ones((len(real), 1), bool),
+                "label": np.zeros(len(real), np.int32),
+                "batch_mask": real,
+            }
+
+
+class _RowLogits(flax.linen.Module):
+    """logits = a zero-initialised parameter per batch row (rows x 2 classes): the gradient
+    of the loss w.r.t. row i's label logit is weight_i x (1/2 - 1)."""
+
+    @flax.linen.compact
+    def __call__(self, video, mask, *, train: bool):
+        del mask, train
+        return self.param("bias", flax.linen.initializers.zeros, (64, 2))[: video.shape[0]], None
+
+
+@pytest.mark.parametrize("process_count", [1, 2])
+def test_every_video_of_an_epoch_weighs_the_same_in_the_loss(process_count):
+    """The weight of each video in the objective (read off the gradient of
+    steps.loss_and_grads on the trainer's batches, all processes' rows together) is the same
+    for every video of an epoch, whatever its length bucket (1, 2 or 4 videos per device and
+    step here) and its step's empty slots, and a step read after a resume weighs the same.
+    Over the epoch the weights add up to its number of steps (the learning rate's meaning)."""
+    lengths = np.array([5, 9, 12, 15, 16, 17, 20, 30, 31, 33, 40, 50, 63, 64, 70, 90, 100, 128])
+    hosts = [_PlannedTrainData(lengths, p, process_count) for p in range(process_count)]
+    plan = epochs.EpochPlan(
+        steps_per_mode={m: hosts[0].steps_per_epoch(m) for m in ("sampled", "full")},
+        warmup_epochs=1,
+        full_video=True,
+        num_epochs=3,
+    )
+    model = _RowLogits()
+    params = model.init(jax.random.PRNGKey(0), np.zeros((1, 1, 1, 1, 3)), None, train=False)
+    grad_fn = jax.jit(functools.partial(steps.loss_and_grads, batch_stats={}, model=model, rngs={}))
+
+    def weights_of_each_video(start: int) -> dict[tuple[int, int], float]:
+        """{(epoch, video): weight} of every step after `start`, by process 0..n-1 rows."""
+        runs = [types.SimpleNamespace(plan=plan, train_data=h) for h in hosts]
+        out = {}
+        for per_host in zip(*(train._train_batches(r, start) for r in runs)):
+            epoch, i = per_host[0][:2]
+            batch = {k: np.concatenate([b[2][k] for b in per_host]) for k in per_host[0][2]}
+            _, grads = grad_fn(params["params"], batch=batch)
+            weight = -2 * np.asarray(grads["bias"])[: len(batch["label"]), 0]
+            rows = np.concatenate(
+                [hosts[0].plan(epoch.mode, epoch.index).rows(i, p) for p in range(process_count)]
+            )
+            assert np.all(weight[rows < 0] == 0), (epoch.index, i, weight)
+            out.update({(epoch.index, int(v)): float(w) for v, w in zip(rows, weight) if v >= 0})
+        return out
+
+    weights = weights_of_each_video(0)
+    assert len(weights) == 3 * len(lengths)  # every video once per epoch
+    for e in plan.epochs:
+        per_video = np.array([weights[e.index, v] for v in range(len(lengths))])
+        np.testing.assert_allclose(per_video, per_video.mean(), rtol=1e-6, err_msg=str(e))
+        assert per_video.sum() == pytest.approx(e.steps_per_epoch, rel=1e-6)
+    full = plan.epochs[1]
+    assert len(set(hosts[0].plan("full", 1).videos_per_device)) == 3  # several buckets
+    resume_at = full.first_step + 2  # mid-epoch
+    resumed = weights_of_each_video(resume_at)
+    assert resumed and all(weights[key] == w for key, w in resumed.items())
 
 
 def test_uniform_warmup_must_be_whole_epochs():

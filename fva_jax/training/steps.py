@@ -11,7 +11,8 @@
 None of these is jitted here: the trainer jits them with its shardings
 (`jax.jit(functools.partial(train_step, model=..., tx=..., schedule=...))`), benchmarks with
 none. A batch is a dict video uint8 (B, T, H, W, 3), mask bool (B, T), label int32 (B,),
-batch_mask bool (B,) (False on padding slots).
+batch_mask bool (B,) (False on padding slots), and optionally weight float32 (B,) (each
+video's coefficient in the loss, 0 on padding slots).
 """
 
 from typing import Any, Callable
@@ -146,11 +147,18 @@ def loss_and_grads(
 ):
     """((loss, (logits, new batch_stats)), grads w.r.t. params) of one batch.
 
-    The loss is the cross-entropy averaged over the real videos (batch["batch_mask"]), so
-    every step weighs the same whatever number of videos it holds. `method` / `apply_kwargs`
-    go to model.apply (e.g. method="unchunked" for the reference math in benchmarks).
+    With batch["weight"] (the trainer's batches) the loss is sum(cross-entropy * weight): the
+    trainer gives every real video of an epoch the same weight, 1 / (the epoch's mean number
+    of real videos per step), whatever its length bucket, and 0 to empty slots
+    (experiment.video_loss_weights). Without it (benchmarks), the mean cross-entropy over the
+    real videos (batch["batch_mask"]). `method` / `apply_kwargs` go to model.apply (e.g.
+    method="unchunked" for the reference math in benchmarks).
     """
-    weights = batch["batch_mask"].astype(jnp.float32)
+    if "weight" in batch:
+        weights, normaliser = batch["weight"].astype(jnp.float32), 1.0
+    else:
+        weights = batch["batch_mask"].astype(jnp.float32)
+        normaliser = jnp.maximum(weights.sum(), 1.0)
 
     def loss_fn(p):
         (logits, _), new_vars = model.apply(
@@ -164,7 +172,7 @@ def loss_and_grads(
             **apply_kwargs,
         )
         per_video = cross_entropy(logits, batch["label"])
-        loss = jnp.sum(per_video * weights) / jnp.maximum(weights.sum(), 1.0)
+        loss = jnp.sum(per_video * weights) / normaliser
         return loss, (logits, new_vars.get("batch_stats", batch_stats))
 
     return jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -181,12 +189,15 @@ def train_step(
 ) -> tuple[TrainState, TrainMetrics]:
     """One optimizer update on one batch; returns the new state and the step's metrics.
 
+    The metrics' loss is the mean cross-entropy over the step's real videos (comparable across
+    steps and with the eval loss), whatever batch["weight"] gives the objective; grad_norm is
+    the norm of the objective's gradient before clipping (non-finite when the gradient is).
     Dropout and the model's sampling draw from fold_in(state.rng, state.step), so a step's
     randomness depends only on the key and the step number (exact resume).
     """
     step_rng = jax.random.fold_in(state.rng, state.step)
     dropout_rng, sampling_rng = jax.random.split(step_rng)
-    (loss, (logits, batch_stats)), grads = loss_and_grads(
+    (_, (logits, batch_stats)), grads = loss_and_grads(
         state.params,
         state.batch_stats,
         batch,
@@ -201,7 +212,7 @@ def train_step(
     )
     labels = batch["label"]
     m = TrainMetrics.single_from_model_output(
-        loss=jnp.broadcast_to(loss, labels.shape),
+        loss=cross_entropy(logits, labels),
         top1=topk_correct(logits, labels, 1),
         top5=topk_correct(logits, labels, 5),
         grad_norm=jnp.broadcast_to(optax.tree.norm(grads), labels.shape),

@@ -15,8 +15,10 @@ One readable loop in the style of big_vision / flax examples/imagenet:
   on K valid frames takes each once), the rest on full videos (mode "full", the configured
   model); configs with sampling "uniform" / "dense" train every epoch sampled. The learning
   rate's epochs are converted with the step at which each epoch really starts;
-* training.steps.train_step / eval_step, jitted here with the shardings, the state donated; the
-  loss is the mean over the step's real videos, so every step weighs the same;
+* training.steps.train_step / eval_step, jitted here with the shardings, the state donated;
+  every real video of an epoch weighs the same in the loss, whatever its length bucket (the
+  batch's "weight", experiment.video_loss_weights), while train/loss reports the mean
+  cross-entropy over each step's real videos;
 * checkpoints (training.checkpoints) every config.checkpoint.every_steps and at the end, with
   the data state {"epoch", "step"}: a run killed at any moment and restarted with the same
   command ends with exactly the metrics of an uninterrupted one;
@@ -57,6 +59,7 @@ from absl import logging
 from etils import epath
 from jax.experimental.compilation_cache import compilation_cache
 
+from fva_jax.data import batch_plan
 from fva_jax.training import checkpoints, experiment, faults, steps, summaries
 from fva_jax.training.distributed import initialize_distributed, to_host
 from fva_jax.training.evaluation import eval_modes, evaluate_state
@@ -122,11 +125,16 @@ def compilation_cache_for(config: ml_collections.ConfigDict, workdir):
 
 def _train_batches(run: Run, start: int) -> Iterator[tuple[Any, int, dict[str, np.ndarray]]]:
     """(epoch, step within it, this process's rows) of every step after `start` completed
-    ones, across epochs, from TrainData.iterator(mode, epoch=e, start_step=i)."""
+    ones, across epochs, from TrainData.iterator(mode, epoch=e, start_step=i); each batch
+    gains "weight", its videos' loss coefficients (experiment.video_loss_weights) from the
+    epoch's whole plan, TrainData.plan(mode, e), so a resumed step weighs what it did."""
     for epoch in run.plan.epochs:
         if epoch.first_step + epoch.num_steps <= start:
             continue
         first = max(0, start - epoch.first_step)
+        videos_per_step = batch_plan.real_videos_per_step(
+            run.train_data.plan(epoch.mode, epoch.index)
+        )
         it = iter(run.train_data.iterator(epoch.mode, epoch=epoch.index, start_step=first))
         for i in range(first, epoch.num_steps):
             local = next(it, None)
@@ -136,7 +144,8 @@ def _train_batches(run: Run, start: int) -> Iterator[tuple[Any, int, dict[str, n
                     f"start_step={first}) ended before step {i} of its "
                     f"steps_per_epoch = {epoch.steps_per_epoch}"
                 )
-            yield epoch, i, local
+            weight = experiment.video_loss_weights(local["batch_mask"], videos_per_step)
+            yield epoch, i, {**local, "weight": weight}
         if epoch.num_steps == epoch.steps_per_epoch and next(it, None) is not None:
             raise ValueError(
                 f"TrainData.iterator({epoch.mode!r}, epoch={epoch.index}) yielded more than "
@@ -200,7 +209,7 @@ def train_and_evaluate(
       workdir: local path or gs:// bucket path; holds checkpoints/, TensorBoard events,
         config.json, dataset_info.json and final_metrics.json.
       data: the data module (default: fva_jax.data.pipeline): dataset_info(data_config),
-        TrainData and EvalData classes.
+        TrainData and EvalData classes (TrainData.plan(mode, epoch) sets the loss weights).
       model_cls: the model class, called as model_cls(num_classes=N, **config.model)
         (default: fva_jax.models.full_video.FullVideoModel).
       on_step: called with the step number after each step (and its periodic checkpoint, if
