@@ -1,10 +1,13 @@
 """The training and evaluation steps, as module-level functions anything can call.
 
 * `TrainState`: step, params, BatchNorm statistics, optimizer state, RNG key;
-* `TrainMetrics` / `EvalMetrics` (clu metrics), `PerClassAccuracy`, `topk_correct`;
+* `TrainMetrics` / `EvalMetrics` (clu metrics), `PerClassAccuracy`, `topk_correct` (a
+  video is top-k correct only when its label's logit is finite and fewer than k other classes
+  reach it: ties, NaN and Inf count as wrong);
 * `loss_and_grads(params, batch_stats, batch, *, model, rngs)`: the loss the trainer
-  minimises (cross-entropy averaged over the batch's real videos, batch_mask) and its
-  gradient;
+  minimises and its gradient: the sum of each video's cross-entropy times batch["weight"]
+  when the batch has one (the trainer's batches do: every video of an epoch weighs the same,
+  fva_jax.training.experiment.video_loss_weights), else the mean over the real videos;
 * `train_step(state, batch, *, model, tx, schedule)`: one optimizer update;
 * `eval_step(state, batch, *, model)`: metrics of one batch and per-video outputs.
 
