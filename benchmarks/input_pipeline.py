@@ -6,7 +6,11 @@ r"""Input pipeline: padding cost of the batch plan, and decoded frames per secon
    (`sparse_events.breakfast_like_lengths`: lognormal, mean ~2,400, 300-9,000 frames),
    chunk 32, 4096 frames per device, up to 16 buckets, for 1 and 8 devices:
    computed_over_real = frames the model computes (every padded frame and empty slot) /
-   real frames, and the number of distinct step shapes.
+   real frames, and the number of distinct step shapes; video_weight_ratio = the largest
+   over the smallest weight of any two videos of the epoch in the loss, by the trainer's rule
+   (fva_jax.training.experiment.video_loss_weights: 1.00, every video weighs the same), and
+   video_weight_ratio_before = the same under the rule it replaced (the mean over each
+   step's real videos: a video's weight 1 / the videos of its step).
 2. The pipeline on a generated slice of the long synthetic set (`sparse_events`
    "long_slice": the first 24 training videos of "long", ~60 k frames at 32 px, built into
    --data_dir if missing):
@@ -20,10 +24,11 @@ r"""Input pipeline: padding cost of the batch plan, and decoded frames per secon
    decode + crop path on that video's frames stored as 256-short-side JPEGs, crop 224:
    per-frame cost at the paper's resolution, in this process.
 
-Prints tables, then a last line of JSON: {"computed_over_real", "distinct_shapes" (the
-worse of 1 and 8 devices), "frames_per_s", "workers", "host_rss_mb" (the fastest run with
-worker processes), "plan": {devices: stats}, "pipeline": [rows], ...}. Figures depend on
-the machine and its load (printed): compare rows of one run.
+Prints tables, then a last line of JSON: {"computed_over_real", "distinct_shapes",
+"video_weight_ratio", "video_weight_ratio_before" (each the worse of 1 and 8 devices),
+"frames_per_s", "workers", "host_rss_mb" (the fastest run with worker processes), "plan":
+{devices: stats}, "pipeline": [rows], ...}. Figures depend on the machine and its load
+(printed): compare rows of one run.
 """
 
 from __future__ import annotations
@@ -84,6 +89,7 @@ def plan_rows() -> dict:
         )
         stats = batch_plan.plan_stats(plan, lengths)
         stats["buckets"] = list(buckets)
+        stats.update(video_weight_ratios(plan))
         out[str(devices)] = stats
     return dict(
         lengths=dict(
@@ -94,6 +100,25 @@ def plan_rows() -> dict:
             total=int(lengths.sum()),
         ),
         devices=out,
+    )
+
+
+def video_weight_ratios(plan: batch_plan.Plan) -> dict:
+    """Largest over smallest loss weight of the epoch's videos: by the trainer's rule
+    (video_loss_weights of each step's rows) and by the rule before it (1 / real videos of the
+    step)."""
+    from fva_jax.training import experiment  # pylint: disable=g-import-not-at-top  (JAX)
+
+    per_step = batch_plan.real_videos_per_step(plan)
+    now, before = [], []
+    for slots in plan.slots:
+        real = slots >= 0
+        now.append(experiment.video_loss_weights(real, per_step)[real])
+        before.append(np.full(int(real.sum()), 1.0 / real.sum()))
+    now, before = np.concatenate(now), np.concatenate(before)
+    return dict(
+        video_weight_ratio=float(now.max() / now.min()),
+        video_weight_ratio_before=float(before.max() / before.min()),
     )
 
 
@@ -225,12 +250,19 @@ def main(argv):
         f"{lengths['total']} in all), chunk {_CHUNK.value}, {_FRAMES_PER_DEVICE.value} frames "
         f"per device, <= {_MAX_BUCKETS.value} buckets:"
     )
-    print("| devices | steps | computed / real | distinct shapes | empty slots |")
-    print("|--------:|------:|----------------:|----------------:|------------:|")
+    print(
+        "| devices | steps | computed / real | distinct shapes | empty slots "
+        "| video weight ratio (before) |"
+    )
+    print(
+        "|--------:|------:|----------------:|----------------:|------------:"
+        "|----------------------------:|"
+    )
     for devices, s in plans["devices"].items():
         print(
             f"| {devices:>7} | {s['num_steps']:5d} | {s['computed_over_real']:15.3f} | "
-            f"{s['distinct_shapes']:15d} | {s['empty_slots']:11d} |"
+            f"{s['distinct_shapes']:15d} | {s['empty_slots']:11d} | "
+            f"{s['video_weight_ratio']:11.2f} ({s['video_weight_ratio_before']:6.2f}) |"
         )
     print(f"buckets (8 devices): {plans['devices']['8']['buckets']}")
 
@@ -279,6 +311,10 @@ def main(argv):
             dict(
                 computed_over_real=max(s["computed_over_real"] for s in plans["devices"].values()),
                 distinct_shapes=max(s["distinct_shapes"] for s in plans["devices"].values()),
+                video_weight_ratio=max(s["video_weight_ratio"] for s in plans["devices"].values()),
+                video_weight_ratio_before=max(
+                    s["video_weight_ratio_before"] for s in plans["devices"].values()
+                ),
                 frames_per_s=best["frames_per_s"],
                 workers=best["workers"],
                 host_rss_mb=best["host_rss_mb"],

@@ -125,6 +125,8 @@ def step_only(run: experiment.Run, sequence, first: int, sync_each: bool) -> flo
             "mask": put(np.arange(big_l)[None] < row_lengths[:, None]),
             "label": put(rng.integers(0, run.num_classes, (b,)).astype(np.int32)),
             "batch_mask": put(row_lengths > 0),
+            # The trainer's batches carry a loss weight (its value does not change the speed).
+            "weight": put(experiment.video_loss_weights(row_lengths > 0, max(len(row_lengths), 1))),
         }
         batches.append((mode, batch))
     jax.block_until_ready(batches)

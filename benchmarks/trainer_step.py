@@ -110,7 +110,8 @@ def run_from_args(args, plan: str) -> experiment.Run:
 
 
 def random_batch(run: experiment.Run, rng, batch: int, frames: int, resolution: int) -> dict:
-    """Whole videos (every frame valid) on the devices, sharded as the trainer's batches."""
+    """Whole videos (every frame valid) on the devices, sharded as the trainer's batches
+    (with the loss weight the trainer adds: here every video 1 / batch)."""
     return experiment.global_batch(
         run,
         {
@@ -118,6 +119,7 @@ def random_batch(run: experiment.Run, rng, batch: int, frames: int, resolution: 
             "mask": np.ones((batch, frames), bool),
             "label": rng.integers(0, NUM_CLASSES, (batch,)).astype(np.int32),
             "batch_mask": np.ones((batch,), bool),
+            "weight": experiment.video_loss_weights(np.ones((batch,), bool), batch),
         },
     )
 
@@ -133,6 +135,7 @@ def abstract_batch(run: experiment.Run, batch: int, frames: int, resolution: int
         "mask": spec((batch, frames), jnp.bool_),
         "label": spec((batch,), jnp.int32),
         "batch_mask": spec((batch,), jnp.bool_),
+        "weight": spec((batch,), jnp.float32),
     }
 
 

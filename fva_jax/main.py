@@ -18,7 +18,9 @@ Exit statuses (training.faults): 0 done; 1 an unexpected error (traceback); 2 a 
 75 stopped by SIGTERM (preemption) after checkpointing the step reached: run the same command
 again to resume; 74 a checkpoint could not be written (no space, no permission; the latest
 complete one is intact); 69 another process of a multi-process run was lost (start all again:
-they resume from the latest checkpoint). Each of 69, 74, 75 prints one line on stderr.
+they resume from the latest checkpoint); 65 a training step's loss or gradient norm was NaN/Inf
+(nothing of it was saved; change the config before resuming, or the run diverges again). Each
+of 65, 69, 74, 75 prints one line on stderr.
 """
 
 import json
@@ -112,6 +114,8 @@ def run_with_exit_statuses(work) -> None:
         _stop(str(stop), faults.EXIT_PREEMPTED)
     except faults.CheckpointWriteError as error:
         _stop(str(error), faults.EXIT_CHECKPOINT_WRITE_FAILED)
+    except faults.NonFiniteError as error:
+        _stop(str(error), faults.EXIT_NON_FINITE)
     except faults.LostProcessError as error:
         _exit_lost_process(error)
 

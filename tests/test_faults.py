@@ -350,6 +350,15 @@ def test_exit_statuses(capsys):
             74,
         ),
         (config_lib.ConfigError("config.seed must be an integer", field="seed"), 2),
+        (
+            faults.NonFiniteError(
+                "training stopped at step 4: the gradient norm is nan (the last good "
+                "checkpoint is step 2 in /w/checkpoints; nothing of step 4 was saved). Try ...",
+                step=4,
+                latest_step=2,
+            ),
+            65,
+        ),
     ]
     for error, status in cases:
         with pytest.raises(SystemExit) as exit_:

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import types
 
+import flax.linen
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -37,7 +38,7 @@ import recorded_pipeline
 from jax.experimental.compilation_cache import compilation_cache
 
 from fva_jax import config_lib
-from fva_jax.data import builders, frames, pipeline
+from fva_jax.data import batch_plan, builders, frames, pipeline
 from fva_jax.data import records as records_lib
 from fva_jax.models.full_video import FullVideoModel
 from fva_jax.training import (
@@ -45,6 +46,7 @@ from fva_jax.training import (
     distributed,
     epochs,
     experiment,
+    faults,
     optim,
     steps,
     train,
@@ -212,7 +214,9 @@ def reference_eval(config, variables, mode: str) -> dict:
     logits, y = np.stack(logits), np.array(labels)
     top = logits.max(1, keepdims=True)
     logp = logits - top - np.log(np.exp(logits - top).sum(1, keepdims=True))
-    rank = (logits > logits[np.arange(len(y)), y][:, None]).sum(1)
+    # The rule of steps.topk_correct: rivals are the other classes not below the label.
+    label_logit = logits[np.arange(len(y)), y][:, None]
+    rank = np.where(np.isfinite(label_logit[:, 0]), (~(logits < label_logit)).sum(1) - 1, 99)
     top1 = (rank < 1).astype(float)
     per_class = [top1[y == c].mean() for c in range(info["num_classes"]) if (y == c).any()]
     return {
@@ -422,9 +426,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, compile_cache, 
         },
     )
     with pytest.raises(
-        FloatingPointError,
-        match=r"training loss is (nan|inf|-inf) at step 2; "
-        r"stopping \(the last good checkpoint is step 1",
+        faults.NonFiniteError,
+        match=r"training stopped at step 2: the loss is (nan|inf|-inf)"
+        r".* \(the last good checkpoint is step 1",
     ):
         train_run(config, tmp_path)
     assert checkpoint_steps(tmp_path) == [1]
@@ -455,6 +459,44 @@ def forget_stored_settings(workdir, step: int, fields=None) -> None:
         for field in fields:
             del data["config"][field]
     path.write_text(json.dumps(data))
+
+
+@jax.custom_vjp
+def _nan_gradient(x):
+    return x
+
+
+_nan_gradient.defvjp(lambda x: (x, None), lambda _, g: (jnp.full_like(g, jnp.nan),))
+
+
+class _NanGradientOnFullVideos(FullVideoModel):
+    """FullVideoModel whose full-video (clustered) logits are unchanged but whose gradient
+    is NaN; the sampled-frame model (sampling="uniform") is untouched."""
+
+    def __call__(self, videos, mask, *, train: bool):
+        logits, segment_ids = super().__call__(videos, mask, train=train)
+        return (_nan_gradient(logits) if self.sampling == "cluster" else logits), segment_ids
+
+
+def test_nan_gradient_at_a_save_step_stops_before_saving(data_dir, compile_cache, tmp_path):
+    """Step 4, the first full-video step, has a finite loss and a NaN gradient, and is a save
+    step: the run stops there naming the step and the gradient norm; checkpoint 2 (finite)
+    is the latest; nothing of step 4 is written (no checkpoint, no scalars)."""
+    del compile_cache
+    config = tiny_config(data_dir, **{"checkpoint.every_steps": 2, "eval.also_uniform": False})
+    with pytest.raises(faults.NonFiniteError) as error:
+        train_run(config, tmp_path, model_cls=_NanGradientOnFullVideos)
+    message = str(error.value)
+    assert re.match(
+        r"training stopped at step 4: the gradient norm is nan \(the last good checkpoint is "
+        rf"step 2 in {re.escape(str(tmp_path))}/checkpoints; nothing of step 4 was saved\)",
+        message,
+    ), message
+    assert "\n" not in message and (error.value.step, error.value.latest_step) == (4, 2)
+    assert checkpoint_steps(tmp_path) == [2]
+    state = restore_state(tmp_path, 2)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
+    assert sorted(read_events(tmp_path)["train/loss"]) == [1, 2, 3]
 
 
 def test_changed_epochs_on_resume_are_rejected(full_run, tmp_path):
@@ -668,6 +710,102 @@ def test_schedule_epochs_follow_the_steps_of_each_epoch():
     sched = optim.make_schedule(config, plan.total_steps, plan.epoch_to_step)
     assert [float(sched(s)) for s in (0, 7, 10, 11)] == pytest.approx([0.0, 0.7, 0.7, 0.07])
     assert float(sched(3.5)) == pytest.approx(0.35)
+
+
+class _PlannedTrainData:
+    """The TrainData API of one process over plans made by fva_jax.data.batch_plan alone (no
+    videos): plan(mode, epoch) and iterator(mode, epoch=, start_step=), whose batches hold
+    labels 0 and masks of the plan's rows."""
+
+    def __init__(self, lengths, process_index: int, process_count: int):
+        self.lengths, self.process_index, self.process_count = lengths, process_index, process_count
+
+    def plan(self, mode: str, epoch: int = 0):
+        layout = dict(seed=3, epoch=epoch, process_count=self.process_count, local_device_count=1)
+        if mode == "sampled":
+            return batch_plan.sampled_plan(
+                len(self.lengths), **layout, global_batch=4, num_frames=2, shuffle=True
+            )
+        return batch_plan.full_plan(
+            self.lengths,
+            **layout,
+            frames_per_device=64,
+            chunk_size=8,
+            buckets=(16, 32, 64, 128),
+            shuffle=True,
+        )
+
+    def steps_per_epoch(self, mode: str) -> int:
+        return self.plan(mode).num_steps
+
+    def iterator(self, mode: str, *, epoch: int, start_step: int = 0):
+        plan = self.plan(mode, epoch)
+        for step in range(start_step, plan.num_steps):
+            real = plan.rows(step, self.process_index) >= 0
+            yield {
+                "video": np.zeros((len(real), 1, 1, 1, 3), np.uint8),
+                "mask": np.ones((len(real), 1), bool),
+                "label": np.zeros(len(real), np.int32),
+                "batch_mask": real,
+            }
+
+
+class _RowLogits(flax.linen.Module):
+    """logits = a zero-initialised parameter per batch row (rows x 2 classes): the gradient
+    of the loss w.r.t. row i's label logit is weight_i x (1/2 - 1)."""
+
+    @flax.linen.compact
+    def __call__(self, video, mask, *, train: bool):
+        del mask, train
+        return self.param("bias", flax.linen.initializers.zeros, (64, 2))[: video.shape[0]], None
+
+
+@pytest.mark.parametrize("process_count", [1, 2])
+def test_every_video_of_an_epoch_weighs_the_same_in_the_loss(process_count):
+    """The weight of each video in the objective (read off the gradient of
+    steps.loss_and_grads on the trainer's batches, all processes' rows together) is the same
+    for every video of an epoch, whatever its length bucket (1, 2 or 4 videos per device and
+    step here) and its step's empty slots, and a step read after a resume weighs the same.
+    Over the epoch the weights add up to its number of steps (the learning rate's meaning)."""
+    lengths = np.array([5, 9, 12, 15, 16, 17, 20, 30, 31, 33, 40, 50, 63, 64, 70, 90, 100, 128])
+    hosts = [_PlannedTrainData(lengths, p, process_count) for p in range(process_count)]
+    plan = epochs.EpochPlan(
+        steps_per_mode={m: hosts[0].steps_per_epoch(m) for m in ("sampled", "full")},
+        warmup_epochs=1,
+        full_video=True,
+        num_epochs=3,
+    )
+    model = _RowLogits()
+    params = model.init(jax.random.PRNGKey(0), np.zeros((1, 1, 1, 1, 3)), None, train=False)
+    grad_fn = jax.jit(functools.partial(steps.loss_and_grads, batch_stats={}, model=model, rngs={}))
+
+    def weights_of_each_video(start: int) -> dict[tuple[int, int], float]:
+        """{(epoch, video): weight} of every step after `start`, by process 0..n-1 rows."""
+        runs = [types.SimpleNamespace(plan=plan, train_data=h) for h in hosts]
+        out = {}
+        for per_host in zip(*(train._train_batches(r, start) for r in runs)):
+            epoch, i = per_host[0][:2]
+            batch = {k: np.concatenate([b[2][k] for b in per_host]) for k in per_host[0][2]}
+            _, grads = grad_fn(params["params"], batch=batch)
+            weight = -2 * np.asarray(grads["bias"])[: len(batch["label"]), 0]
+            rows = np.concatenate(
+                [hosts[0].plan(epoch.mode, epoch.index).rows(i, p) for p in range(process_count)]
+            )
+            assert np.all(weight[rows < 0] == 0), (epoch.index, i, weight)
+            out.update({(epoch.index, int(v)): float(w) for v, w in zip(rows, weight) if v >= 0})
+        return out
+
+    weights = weights_of_each_video(0)
+    assert len(weights) == 3 * len(lengths)  # every video once per epoch
+    for e in plan.epochs:
+        per_video = np.array([weights[e.index, v] for v in range(len(lengths))])
+        np.testing.assert_allclose(per_video, per_video.mean(), rtol=1e-6, err_msg=str(e))
+        assert per_video.sum() == pytest.approx(e.steps_per_epoch, rel=1e-6)
+    full = plan.epochs[1]
+    assert len(set(hosts[0].plan("full", 1).videos_per_device)) == 3  # several buckets
+    resume_at = full.first_step + 2  # mid-epoch
+    resumed = weights_of_each_video(resume_at)
+    assert resumed and all(weights[key] == w for key, w in resumed.items())
 
 
 def test_uniform_warmup_must_be_whole_epochs():

@@ -363,6 +363,16 @@ def sampled_plan(
 # --------------------------------------------------------------------------- statistics
 
 
+def real_videos_per_step(plan: Plan) -> float:
+    """The epoch's mean number of real videos per global step (all processes together): the
+    same on every process, at every step of the epoch, resumed or not. The trainer divides
+    each video's loss by it (fva_jax.training.experiment.video_loss_weights)."""
+    real = sum(int((slots >= 0).sum()) for slots in plan.slots)
+    if real == 0:
+        raise ValueError("the plan has no real video: no loss weight can be made from it")
+    return real / plan.num_steps
+
+
 def plan_stats(plan: Plan, lengths) -> dict:
     """What a plan costs the model: every slot computes its step's padded length.
 

@@ -1,7 +1,9 @@
 """Input pipeline: whole videos from TFDS ArrayRecord files, planned globally, read by Grain.
 
 `dataset_info(config.data)`, and `TrainData` / `EvalData` (one per process): the data API the
-trainer reads (fva_jax/training/train.py; tests pass a fake with the same names).
+trainer reads (fva_jax/training/train.py; tests pass a fake with the same names). Besides the
+batches, the trainer reads `TrainData.steps_per_epoch(mode)` and `TrainData.plan(mode, epoch)`
+(its slots give the epoch's number of real videos, which sets every video's loss weight).
 
 No TensorFlow: records are read at random through ArrayRecord (the files TFDS's
 `data_source` reads; `records.py`), parsed with TFDS's own `tf_example_pb2` protos, and their

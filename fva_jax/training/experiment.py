@@ -8,6 +8,7 @@ reach the devices.
 * `init_state`, `load_pretrained`: the TrainState;
 * `jitted_train_steps` / `jitted_eval_steps`: fva_jax.training.steps jitted with the shardings, by
   data mode (each compiles once per batch shape);
+* `video_loss_weights`: each video's coefficient in its step's loss (the batch's "weight");
 * `global_batch`, `prefetch_to_devices`: NumPy rows of this process -> global arrays, put on
   the devices ahead of the step that uses them.
 """
@@ -31,6 +32,7 @@ from fva_jax.training import optim, steps
 from fva_jax.training.epochs import EpochPlan
 
 _BATCH_KEYS = ("video", "mask", "label", "batch_mask")
+_OPTIONAL_BATCH_KEYS = ("weight",)  # training batches (video_loss_weights); eval has none
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,16 +199,31 @@ def jitted_eval_steps(run: Run, modes: Iterable[str]) -> dict[str, Callable]:
     return {mode: make(run.models[mode]) for mode in set(modes)}
 
 
+def video_loss_weights(batch_mask: np.ndarray, real_videos_per_step: float) -> np.ndarray:
+    """float32 (b,): each row's coefficient in its step's loss (steps.loss_and_grads), 0 on
+    empty slots.
+
+    Every real video of an epoch gets 1 / real_videos_per_step (the epoch's mean number of
+    real videos per global step, batch_plan.real_videos_per_step), whatever its length bucket
+    and however many videos share its step: a step's loss is the sum of its videos' weighted
+    cross-entropies, on average over the epoch the mean cross-entropy of a step, so the
+    learning rate keeps its meaning. (A mean per step would weigh a video alone in a long
+    bucket's step as much as a whole step of short videos.) Clipping and the optimizer still
+    act on each step's gradient.
+    """
+    return np.asarray(batch_mask, np.float32) / np.float32(real_videos_per_step)
+
+
 def global_batch(run: Run, local: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
     """This process's rows (NumPy) -> global arrays sharded over "data" (an asynchronous copy
-    to the devices). Only the keys the steps read are copied; host-only keys of the batch
-    (the pipeline's "index") stay in `local`."""
+    to the devices). Only the keys the steps read (and the loss weight) are copied; host-only
+    keys of the batch (the pipeline's "index") stay in `local`."""
     missing = [k for k in _BATCH_KEYS if k not in local]
     if missing:
         raise KeyError(f"the data pipeline's batch lacks {missing}; it has {sorted(local)}")
     return {
         k: jax.make_array_from_process_local_data(run.batch_sharding, np.asarray(local[k]))
-        for k in _BATCH_KEYS
+        for k in _BATCH_KEYS + tuple(k for k in _OPTIONAL_BATCH_KEYS if k in local)
     }
 
 

@@ -1,17 +1,21 @@
 """The training and evaluation steps, as module-level functions anything can call.
 
 * `TrainState`: step, params, BatchNorm statistics, optimizer state, RNG key;
-* `TrainMetrics` / `EvalMetrics` (clu metrics), `PerClassAccuracy`, `topk_correct`;
+* `TrainMetrics` / `EvalMetrics` (clu metrics), `PerClassAccuracy`, `topk_correct` (a
+  video is top-k correct only when its label's logit is finite and fewer than k other classes
+  reach it: ties, NaN and Inf count as wrong);
 * `loss_and_grads(params, batch_stats, batch, *, model, rngs)`: the loss the trainer
-  minimises (cross-entropy averaged over the batch's real videos, batch_mask) and its
-  gradient;
+  minimises and its gradient: the sum of each video's cross-entropy times batch["weight"]
+  when the batch has one (the trainer's batches do: every video of an epoch weighs the same,
+  fva_jax.training.experiment.video_loss_weights), else the mean over the real videos;
 * `train_step(state, batch, *, model, tx, schedule)`: one optimizer update;
 * `eval_step(state, batch, *, model)`: metrics of one batch and per-video outputs.
 
 None of these is jitted here: the trainer jits them with its shardings
 (`jax.jit(functools.partial(train_step, model=..., tx=..., schedule=...))`), benchmarks with
 none. A batch is a dict video uint8 (B, T, H, W, 3), mask bool (B, T), label int32 (B,),
-batch_mask bool (B,) (False on padding slots).
+batch_mask bool (B,) (False on padding slots), and optionally weight float32 (B,) (each
+video's coefficient in the loss, 0 on padding slots).
 """
 
 from typing import Any, Callable
@@ -59,6 +63,9 @@ class TrainState:
 class PerClassAccuracy(metrics.Metric):
     """Mean over classes of the per-class top-1 accuracy (classes without examples ignored).
 
+    A video is correct by the rule of `topk_correct` with k = 1 (ties and non-finite logits
+    count as wrong), so this agrees with top1.
+
     correct, total: float32 (num_classes,) counts of correct and all (unmasked) examples.
     """
 
@@ -71,7 +78,7 @@ class PerClassAccuracy(metrics.Metric):
         if mask is None:
             mask = jnp.ones(labels.shape, bool)
         onehot = jax.nn.one_hot(labels, num_classes) * mask[:, None]
-        hit = (jnp.argmax(logits, -1) == labels)[:, None]
+        hit = topk_correct(logits, labels, 1)[:, None]
         return cls(correct=(onehot * hit).sum(0), total=onehot.sum(0))
 
     def merge(self, other):
@@ -108,11 +115,18 @@ class EvalMetrics(metrics.Collection):
 
 
 def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
-    """float32 (B,): 1 where the label is among the k highest logits (ties count as wrong)."""
+    """float32 (B,): 1 where the label's logit is finite and fewer than k other classes have a
+    logit that is not below it; else 0.
+
+    Ties count as wrong (constant logits, e.g. a collapsed classifier, give 0, not 1), and so
+    do NaN or Inf at the label; a NaN logit of another class counts as not below the label's.
+    """
     k = min(k, logits.shape[-1])
     label_logit = jnp.take_along_axis(logits, labels[:, None], axis=-1)
-    higher = jnp.sum(logits > label_logit, axis=-1)
-    return (higher < k).astype(jnp.float32)
+    others = ~jax.nn.one_hot(labels, logits.shape[-1], dtype=bool)
+    # `~(x < y)` rather than `x >= y`: true for NaN, which must not rank below the label.
+    rivals = jnp.sum(others & ~(logits < label_logit), axis=-1)
+    return (jnp.isfinite(label_logit[:, 0]) & (rivals < k)).astype(jnp.float32)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -136,11 +150,18 @@ def loss_and_grads(
 ):
     """((loss, (logits, new batch_stats)), grads w.r.t. params) of one batch.
 
-    The loss is the cross-entropy averaged over the real videos (batch["batch_mask"]), so
-    every step weighs the same whatever number of videos it holds. `method` / `apply_kwargs`
-    go to model.apply (e.g. method="unchunked" for the reference math in benchmarks).
+    With batch["weight"] (the trainer's batches) the loss is sum(cross-entropy * weight): the
+    trainer gives every real video of an epoch the same weight, 1 / (the epoch's mean number
+    of real videos per step), whatever its length bucket, and 0 to empty slots
+    (experiment.video_loss_weights). Without it (benchmarks), the mean cross-entropy over the
+    real videos (batch["batch_mask"]). `method` / `apply_kwargs` go to model.apply (e.g.
+    method="unchunked" for the reference math in benchmarks).
     """
-    weights = batch["batch_mask"].astype(jnp.float32)
+    if "weight" in batch:
+        weights, normaliser = batch["weight"].astype(jnp.float32), 1.0
+    else:
+        weights = batch["batch_mask"].astype(jnp.float32)
+        normaliser = jnp.maximum(weights.sum(), 1.0)
 
     def loss_fn(p):
         (logits, _), new_vars = model.apply(
@@ -154,7 +175,7 @@ def loss_and_grads(
             **apply_kwargs,
         )
         per_video = cross_entropy(logits, batch["label"])
-        loss = jnp.sum(per_video * weights) / jnp.maximum(weights.sum(), 1.0)
+        loss = jnp.sum(per_video * weights) / normaliser
         return loss, (logits, new_vars.get("batch_stats", batch_stats))
 
     return jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -171,12 +192,15 @@ def train_step(
 ) -> tuple[TrainState, TrainMetrics]:
     """One optimizer update on one batch; returns the new state and the step's metrics.
 
+    The metrics' loss is the mean cross-entropy over the step's real videos (comparable across
+    steps and with the eval loss), whatever batch["weight"] gives the objective; grad_norm is
+    the norm of the objective's gradient before clipping (non-finite when the gradient is).
     Dropout and the model's sampling draw from fold_in(state.rng, state.step), so a step's
     randomness depends only on the key and the step number (exact resume).
     """
     step_rng = jax.random.fold_in(state.rng, state.step)
     dropout_rng, sampling_rng = jax.random.split(step_rng)
-    (loss, (logits, batch_stats)), grads = loss_and_grads(
+    (_, (logits, batch_stats)), grads = loss_and_grads(
         state.params,
         state.batch_stats,
         batch,
@@ -191,7 +215,7 @@ def train_step(
     )
     labels = batch["label"]
     m = TrainMetrics.single_from_model_output(
-        loss=jnp.broadcast_to(loss, labels.shape),
+        loss=cross_entropy(logits, labels),
         top1=topk_correct(logits, labels, 1),
         top5=topk_correct(logits, labels, 5),
         grad_norm=jnp.broadcast_to(optax.tree.norm(grads), labels.shape),
@@ -204,7 +228,10 @@ def train_step(
 def eval_step(
     state: TrainState, batch: dict[str, jax.Array], *, model
 ) -> tuple[EvalMetrics, dict[str, jax.Array]]:
-    """Metrics of one eval batch, and per video: segment_ids int32 (B, T), prediction (B,)."""
+    """Metrics of one eval batch, and per video: segment_ids int32 (B, T), prediction int32
+    (B,): the class with the highest logit, or -1 where no class has a finite logit above all
+    others (a tie or NaN: what top1 counts as wrong), so prediction == label exactly where
+    top1 is 1."""
     logits, segment_ids = model.apply(
         {"params": state.params, "batch_stats": state.batch_stats},
         batch["video"],
@@ -220,4 +247,6 @@ def eval_step(
         labels=labels,
         mask=batch["batch_mask"],
     )
-    return m, {"segment_ids": segment_ids, "prediction": jnp.argmax(logits, -1)}
+    best = jnp.argmax(logits, -1).astype(jnp.int32)
+    prediction = jnp.where(topk_correct(logits, best, 1) > 0, best, -1)
+    return m, {"segment_ids": segment_ids, "prediction": prediction}

@@ -153,7 +153,8 @@ class SummaryWriter:
 def timeline_inputs(
     local: Mapping[str, np.ndarray], per_video: Mapping[str, jax.Array], count: int
 ) -> list[tuple[np.ndarray, np.ndarray, int, int]]:
-    """(frames, segment_ids, label, prediction) of the first `count` real videos of a batch."""
+    """(frames, segment_ids, label, prediction) of the first `count` real videos of a batch
+    (prediction -1: no unique finite highest logit, steps.eval_step)."""
     if count <= 0:
         return []
     seg = distributed.local_rows(per_video["segment_ids"])
@@ -175,6 +176,8 @@ def write_timelines(writer, step: int, timelines, num_clusters: int, class_names
     from fva_jax.training import timeline  # pylint: disable=g-import-not-at-top  (matplotlib: lazy)
 
     def name(k):
+        if k < 0:  # steps.eval_step: no unique finite highest logit
+            return "none (tied or non-finite logits)"
         return class_names[k] if k < len(class_names) else str(k)
 
     images = {}

@@ -15,21 +15,25 @@ One readable loop in the style of big_vision / flax examples/imagenet:
   on K valid frames takes each once), the rest on full videos (mode "full", the configured
   model); configs with sampling "uniform" / "dense" train every epoch sampled. The learning
   rate's epochs are converted with the step at which each epoch really starts;
-* training.steps.train_step / eval_step, jitted here with the shardings, the state donated; the
-  loss is the mean over the step's real videos, so every step weighs the same;
+* training.steps.train_step / eval_step, jitted here with the shardings, the state donated;
+  every real video of an epoch weighs the same in the loss, whatever its length bucket (the
+  batch's "weight", experiment.video_loss_weights), while train/loss reports the mean
+  cross-entropy over each step's real videos;
 * checkpoints (training.checkpoints) every config.checkpoint.every_steps and at the end, with
   the data state {"epoch", "step"}: a run killed at any moment and restarted with the same
   command ends with exactly the metrics of an uninterrupted one;
 * TensorBoard events and log lines without TensorFlow (fva_jax.training.summaries), a progress line
   with steps/s and ETA;
-* a NaN/Inf training loss stops the run with `FloatingPointError` before anything non-finite
-  is checkpointed;
+* a step whose training loss or gradient norm is NaN/Inf stops the run with
+  `faults.NonFiniteError` (a FloatingPointError) naming the step, before anything of that step
+  is checkpointed: the last good checkpoint is the latest;
 * evaluation of every video of the eval split once: whole videos ("eval"; and, with
   config.eval.also_uniform, K uniformly chosen frames, "eval_uniform"), or K frames for the
   sampling baselines; `workdir/final_metrics.json` (training) or `eval_metrics.json`
   (evaluate);
 * faults (training.faults): SIGTERM finishes the step in flight, checkpoints it and exits 75;
   a checkpoint that cannot be written stops with 74; a lost process ends the others with 69;
+  a NaN/Inf loss or gradient norm stops with 65;
   an unreadable latest checkpoint is moved aside and the previous one restored.
 
 The module is a little over 400 lines because the loop and `evaluate` each wrap their work in
@@ -56,6 +60,7 @@ from etils import epath
 from jax.experimental.compilation_cache import compilation_cache
 
 from fva_jax import config_lib
+from fva_jax.data import batch_plan
 from fva_jax.training import checkpoints, experiment, faults, steps, summaries
 from fva_jax.training.distributed import initialize_distributed, to_host
 from fva_jax.training.evaluation import eval_modes, evaluate_state
@@ -121,11 +126,16 @@ def compilation_cache_for(config: ml_collections.ConfigDict, workdir):
 
 def _train_batches(run: Run, start: int) -> Iterator[tuple[Any, int, dict[str, np.ndarray]]]:
     """(epoch, step within it, this process's rows) of every step after `start` completed
-    ones, across epochs, from TrainData.iterator(mode, epoch=e, start_step=i)."""
+    ones, across epochs, from TrainData.iterator(mode, epoch=e, start_step=i); each batch
+    gains "weight", its videos' loss coefficients (experiment.video_loss_weights) from the
+    epoch's whole plan, TrainData.plan(mode, e), so a resumed step weighs what it did."""
     for epoch in run.plan.epochs:
         if epoch.first_step + epoch.num_steps <= start:
             continue
         first = max(0, start - epoch.first_step)
+        videos_per_step = batch_plan.real_videos_per_step(
+            run.train_data.plan(epoch.mode, epoch.index)
+        )
         it = iter(run.train_data.iterator(epoch.mode, epoch=epoch.index, start_step=first))
         for i in range(first, epoch.num_steps):
             local = next(it, None)
@@ -135,7 +145,8 @@ def _train_batches(run: Run, start: int) -> Iterator[tuple[Any, int, dict[str, n
                     f"start_step={first}) ended before step {i} of its "
                     f"steps_per_epoch = {epoch.steps_per_epoch}"
                 )
-            yield epoch, i, local
+            weight = experiment.video_loss_weights(local["batch_mask"], videos_per_step)
+            yield epoch, i, {**local, "weight": weight}
         if epoch.num_steps == epoch.steps_per_epoch and next(it, None) is not None:
             raise ValueError(
                 f"TrainData.iterator({epoch.mode!r}, epoch={epoch.index}) yielded more than "
@@ -144,19 +155,23 @@ def _train_batches(run: Run, start: int) -> Iterator[tuple[Any, int, dict[str, n
 
 
 def _check_finite(pending: list[tuple[int, Any]], last_saved: int | None, workdir) -> None:
-    """Raises FloatingPointError at the first step whose training loss is NaN/Inf."""
+    """Raises faults.NonFiniteError at the first step whose training loss or gradient norm is
+    NaN/Inf (a finite loss with a non-finite gradient leaves non-finite parameters)."""
     for step, m in pending:
-        loss = float(m.loss.compute())
-        if not math.isfinite(loss):
+        values = {"loss": float(m.loss.compute()), "gradient norm": float(m.grad_norm.compute())}
+        bad = [f"the {name} is {v}" for name, v in values.items() if not math.isfinite(v)]
+        if bad:
             kept = (
                 f"the last good checkpoint is step {last_saved} in {workdir}/checkpoints"
                 if last_saved is not None
                 else "no checkpoint was written"
             )
-            raise FloatingPointError(
-                f"training loss is {loss} at step {step}; stopping ({kept}, nothing non-finite was "
-                "saved). Try a lower config.schedule.base_lr, config.optim.grad_clip_norm > 0, or "
-                "config.model.dtype='float32'."
+            raise faults.NonFiniteError(
+                f"training stopped at step {step}: {' and '.join(bad)} ({kept}; nothing of step "
+                f"{step} was saved). Try a lower config.schedule.base_lr, "
+                "config.optim.grad_clip_norm > 0, or config.model.dtype='float32'.",
+                step=step,
+                latest_step=last_saved,
             )
 
 
@@ -195,7 +210,7 @@ def train_and_evaluate(
       workdir: local path or gs:// bucket path; holds checkpoints/, TensorBoard events,
         config.json, dataset_info.json and final_metrics.json.
       data: the data module (default: fva_jax.data.pipeline): dataset_info(data_config),
-        TrainData and EvalData classes.
+        TrainData and EvalData classes (TrainData.plan(mode, epoch) sets the loss weights).
       model_cls: the model class, called as model_cls(num_classes=N, **config.model)
         (default: fva_jax.models.full_video.FullVideoModel).
       on_step: called with the step number after each step (and its periodic checkpoint, if
@@ -214,6 +229,8 @@ def train_and_evaluate(
       fva_jax.training.faults.CheckpointWriteError: a checkpoint could not be written (no space, no
         permission); the latest complete one is intact.
       fva_jax.training.faults.LostProcessError: another process of a multi-process run was lost.
+      fva_jax.training.faults.NonFiniteError: a step's loss or gradient norm was NaN/Inf; the
+        last good checkpoint is the latest.
     """
     initialize_distributed(config.distributed)
     # A resume that would change the run is refused before the data set is built or read.
@@ -280,7 +297,7 @@ def _train_and_evaluate(run: Run, on_step, notice: faults.StopNotice, status) ->
         state = experiment.init_state(run)
     mngr = checkpoints.checkpoint_manager(workdir, c.checkpoint.keep)
     writer = summaries.SummaryWriter(workdir if jax.process_index() == 0 else None)
-    # Closed also when a step fails (NaN loss, an exception in on_step, SIGTERM).
+    # Closed also when a step fails (NaN loss or gradient, an exception in on_step, SIGTERM).
     with contextlib.closing(writer), contextlib.closing(mngr):
         last_train = {}
         with notice.interruptible(f"restoring from {ckpt_dir}"):
