@@ -236,6 +236,40 @@ def test_sampled_plan():
         )
 
 
+def test_sampled_plan_puts_the_partial_step_at_a_random_place_in_training():
+    """Training: the partial step moves (seeded) and the other steps keep the shuffled
+    order; without a partial step and in evaluation the steps are the plain layout."""
+
+    def plan(num_videos, epoch, shuffle=True):
+        return bp.sampled_plan(
+            num_videos,
+            seed=3,
+            epoch=epoch,
+            process_count=1,
+            local_device_count=1,
+            global_batch=4,
+            num_frames=8,
+            shuffle=shuffle,
+        )
+
+    def layout(num_videos, epoch):  # the shuffled videos in order, the last step padded
+        order = bp._order_rng(3, epoch).permutation(num_videos).tolist()
+        order += [-1] * (-num_videos % 4)
+        return [order[i : i + 4] for i in range(0, len(order), 4)]
+
+    places = set()
+    for epoch in range(8):
+        steps = [s.tolist() for s in plan(21, epoch).slots]
+        partial = [i for i, s in enumerate(steps) if -1 in s]
+        assert len(partial) == 1 and steps[partial[0]] == layout(21, epoch)[-1]
+        assert steps[: partial[0]] + steps[partial[0] + 1 :] == layout(21, epoch)[:-1]
+        assert plan(21, epoch).slots[partial[0]].tolist() == steps[partial[0]]  # seeded
+        places.add(partial[0])
+    assert len(places) > 1, places
+    assert [s.tolist() for s in plan(20, 1).slots] == layout(20, 1)
+    assert plan(21, 1, shuffle=False).slots[-1].tolist() == [20, -1, -1, -1]
+
+
 def test_explicit_buckets_and_errors_name_the_field():
     lengths = np.array([10, 50, 90])
     assert bp.buckets_for(lengths, chunk_size=16, max_buckets=1, bucket_lengths=(64, 96)) == (

@@ -17,6 +17,7 @@ from fva_jax.models.full_video import (
     uniform_indices,
 )
 from fva_jax.models.resnet import ResNetStem, normalize_images
+from fva_jax.training import steps
 
 B, T, PX, K = 2, 10, 16, 3
 LENGTHS = (10, 7)  # the second video has 3 padded frames
@@ -316,6 +317,79 @@ def test_uniform_training_trains_stem_batchnorm_and_draws_offsets():
     np.testing.assert_array_equal(
         np.asarray(seg)[1], [0, 0, 1, 1, 2, 2, 2, K, K, K]
     )  # TSN segments of 7 frames
+
+
+def with_empty_slots(videos, mask, slots):
+    """The batch with an empty slot (all-black video, all-False mask, as the data pipeline
+    fills a step's remaining slots) inserted before each row index in ``slots``."""
+    black = jnp.zeros_like(videos[:1])
+    none = jnp.zeros_like(mask[:1])
+    for row in sorted(slots, reverse=True):
+        videos = jnp.concatenate([videos[:row], black, videos[row:]])
+        mask = jnp.concatenate([mask[:row], none, mask[row:]])
+    return videos, mask
+
+
+@functools.lru_cache(maxsize=None)
+def trainer_loss_and_grads(model):
+    """steps.loss_and_grads (what the trainer minimises) for ``model``, jit'd with fast
+    compiles (the compile dominates these tests); fixed rngs."""
+    rngs = {"dropout": jax.random.key(1), "sampling": jax.random.key(2)}
+    return jax.jit(
+        lambda variables, batch: steps.loss_and_grads(
+            variables["params"], variables["batch_stats"], batch, model=model, rngs=rngs
+        ),
+        compiler_options={"xla_backend_optimization_level": 0},
+    )
+
+
+@pytest.mark.parametrize(
+    "sampling,plan",
+    [
+        ("uniform", "auto"),
+        ("dense", "auto"),
+        ("cluster", "unchunked"),
+        ("cluster", "keep_stem"),
+        ("cluster", "recompute"),
+    ],
+)
+def test_empty_slots_never_touch_batch_statistics_or_gradients(sampling, plan):
+    """A training step with empty slots gives the loss, gradients and new batch_stats of the
+    same step on its real videos alone, in every training mode and plan (dropout off).
+
+    The sampled modes get K-frame videos, as in the trainer's warm-up (the host picks the K
+    frames): then uniform and dense (stride 1) both take every frame once, in order, whatever
+    the random draws (whose shape follows the batch), so one reference serves both. The
+    clustered plans are compared with the unchunked plan on the real videos (every plan
+    equals it: test_every_plan_equals_unchunked_reference). Both batches hold the same real
+    videos, so the loss is normalised by the same count.
+    """
+    if sampling == "cluster":
+        model, reference_model = tiny(plan=plan), tiny(plan="unchunked")
+        videos, mask = make_videos()
+    else:
+        model = tiny(sampling=sampling, dense_stride=1)
+        reference_model = tiny(sampling="uniform", dense_stride=1)
+        videos, mask = make_videos(t=K, lengths=(K, K))
+    variables = init_variables(tiny())
+    real = {"video": videos, "mask": mask, "label": LABELS, "batch_mask": jnp.ones(B, bool)}
+    padded_videos, padded_mask = with_empty_slots(videos, mask, slots=(1, 2))
+    padded = {
+        "video": padded_videos,
+        "mask": padded_mask,
+        "label": jnp.array([LABELS[0], 0, LABELS[1], 0]),
+        "batch_mask": jnp.array([True, False, True, False]),
+    }
+    (loss, (logits, stats)), grads = trainer_loss_and_grads(model)(variables, padded)
+    (want_loss, (want_logits, want_stats)), want_grads = trainer_loss_and_grads(reference_model)(
+        variables, real
+    )
+    assert_trees_close(stats, want_stats)
+    assert_trees_close(grads, want_grads)
+    np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(logits)[[0, 2]], np.asarray(want_logits), rtol=1e-4, atol=1e-5
+    )
 
 
 def test_bfloat16_model_shapes():

@@ -1,5 +1,6 @@
 """ResNet-18/50 stem/trunk split, torchvision naming, temporal shift."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -184,6 +185,48 @@ def test_segment_mask_leaves_steps_out_of_batch_statistics():
         rtol=1e-5,
         atol=1e-6,
     )
+
+
+def test_masked_batchnorm_uses_the_selected_rows_and_survives_selecting_none():
+    """Rows masked out do not enter the statistics (output rows and running statistics as
+    nn.BatchNorm on the selected rows alone); a mask selecting nothing leaves the running
+    statistics as they were and the output finite, where Flax alone would give NaN."""
+    x = jax.random.normal(jax.random.key(0), (4, 3, 3, 2)) * 2.0 + 5.0
+    x = x.at[1].set(100.0)  # a masked-out row with far-off values
+    select = jnp.array([True, False, True, False]).reshape(4, 1, 1, 1)
+    bn = resnet.MaskedBatchNorm(use_running_average=False, momentum=0.9)
+    variables = bn.init(jax.random.key(1), x, mask=select)
+    y, upd = bn.apply(variables, x, mask=select, mutable=["batch_stats"])
+    want, want_upd = nn.BatchNorm(use_running_average=False, momentum=0.9).apply(
+        variables, x[jnp.array([0, 2])], mutable=["batch_stats"]
+    )
+    np.testing.assert_allclose(y[jnp.array([0, 2])], want, rtol=1e-5, atol=1e-5)
+    for name in ("mean", "var"):
+        np.testing.assert_allclose(
+            upd["batch_stats"][name], want_upd["batch_stats"][name], rtol=1e-6
+        )
+        assert not np.allclose(upd["batch_stats"][name], variables["batch_stats"][name])
+    y, upd = bn.apply(variables, x, mask=jnp.zeros_like(select), mutable=["batch_stats"])
+    assert np.isfinite(np.asarray(y)).all()
+    for name in ("mean", "var"):
+        np.testing.assert_array_equal(upd["batch_stats"][name], variables["batch_stats"][name])
+
+
+def test_trunk_on_a_batch_of_empty_steps_is_finite_and_keeps_its_statistics():
+    """A training step whose segment_mask is all False (nothing real) changes no running
+    statistic and gives finite logits, instead of NaN everywhere."""
+    h = jax.random.normal(jax.random.key(0), (2, 3, 8, 8, 8))
+    trunk = ResNetTrunk(num_classes=5, depth=18, width=8, temporal_shift=False, dropout_rate=0.0)
+    v = trunk.init(jax.random.key(1), h, train=False)
+    logits, upd = trunk.apply(
+        v, h, train=True, segment_mask=jnp.zeros((2, 3), bool), mutable=["batch_stats"]
+    )
+    assert np.isfinite(np.asarray(logits)).all()
+    new_stats = jax.tree_util.tree_flatten_with_path(upd["batch_stats"])[0]
+    old_stats = jax.tree.leaves(v["batch_stats"])
+    assert len(new_stats) == len(old_stats) > 0
+    for (path, new), old in zip(new_stats, old_stats):
+        np.testing.assert_array_equal(new, old, err_msg=jax.tree_util.keystr(path))
 
 
 def test_normalize_images_and_bad_backbone():

@@ -26,7 +26,9 @@ Full-video steps ("full" mode):
   (seed, epoch). Evaluation keeps the index order (steps by bucket, short first).
 
 Sampled-frame steps ("sampled" mode): ``global_batch`` videos per step, every video once per
-epoch, shuffled per (seed, epoch) in training, the last step padded with empty slots.
+epoch, shuffled per (seed, epoch) in training. Where ``global_batch`` does not divide the
+videos, one partial step is padded with empty slots: the last in evaluation, at a random
+place of the epoch in training.
 
 Slots of a step are laid out process-major: process p owns slots
 ``[p * b, (p + 1) * b)`` with ``b = local_device_count * videos_per_device``; an empty slot
@@ -351,10 +353,15 @@ def sampled_plan(
     num_steps = -(-num_videos // global_batch)
     slots = np.full(num_steps * global_batch, -1, np.int64)
     slots[:num_videos] = order
+    steps = list(slots.reshape(num_steps, global_batch))
+    if rng is not None and num_videos % global_batch:
+        # The partial step goes to a random place in the epoch rather than always last (the
+        # last step of a baseline's training); the other steps keep their order.
+        steps.insert(int(rng.integers(num_steps)), steps.pop())
     return Plan(
         lengths=np.full(num_steps, num_frames, np.int64),
         videos_per_device=np.full(num_steps, global_batch // num_devices, np.int64),
-        slots=tuple(slots.reshape(num_steps, global_batch)),
+        slots=tuple(steps),
         process_count=int(process_count),
         local_device_count=int(local_device_count),
     )

@@ -2,7 +2,10 @@
 
 ``FullVideoModel(videos, mask, train=...)`` takes whole padded videos ``(B, T, H, W, 3)``
 uint8 and a frame mask ``(B, T)`` (valid frames first, then padding) and returns
-``(logits (B, num_classes) float32, segment_ids (B, T) int32)``.
+``(logits (B, num_classes) float32, segment_ids (B, T) int32)``. A row whose mask is all
+False is an empty batch slot (the data pipeline fills a step's remaining slots so; no real
+video has zero frames): in every sampling and plan it enters no BatchNorm statistics, and
+its logits are 0.
 
 sampling="cluster" (the method, docs/DESIGN.md §1-§2): the stem's activations of every frame
 -> sign bits -> windowed Hamming distances -> ``clustering.segmenter(cluster_method)`` ->
@@ -35,7 +38,8 @@ sampling="uniform" (TSN/TSM: K equal segments of each video's valid length, one 
 each, a random offset in training from the "sampling" rng, the centre at test) and
 sampling="dense" (K consecutive frames ``dense_stride`` apart, random start in training,
 centred at test) run the whole network, stem BatchNorm included in training mode, on the K
-selected frames.
+selected frames; the BatchNorms of the stem and the trunk compute their batch statistics
+over the frames of real videos only (``mask.any(-1)``).
 
 Parameters: ``{"params", "batch_stats"}`` with top-level ``stem`` and ``trunk`` (names of
 ``resnet.py``, which map onto torchvision). RNG streams in training: "dropout", "sampling".
@@ -273,12 +277,15 @@ class FullVideoModel(nn.Module):
             seg = jnp.where(jnp.any(hit, -1), jnp.max(jnp.where(hit, jnp.arange(k), -1), -1), k)
         seg = jnp.where(mask, seg, k).astype(jnp.int32)
         frames = jnp.take_along_axis(videos, idx[:, :, None, None, None], axis=1)  # (B, K, H, W, 3)
+        # An empty batch slot (no valid frame) stays out of every BatchNorm's statistics.
+        step_mask = jnp.broadcast_to(jnp.any(mask, axis=1)[:, None], (b, k))
         x = self.stem(
             normalize_images(frames.reshape((b * k,) + videos.shape[2:]), self.dtype),
             use_running_average=not train,
+            bn_mask=step_mask.reshape(b * k),
         )
         x = x.reshape((b, k) + x.shape[1:])
-        return self._head(x, jnp.ones((b, k), bool), train), seg
+        return self._head(x, step_mask, train), seg
 
 
 def uniform_indices(length, k: int, u=None):

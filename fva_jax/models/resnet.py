@@ -100,6 +100,35 @@ def temporal_shift(
     return out.reshape((-1,) + out.shape[2:]) if flat else out
 
 
+class MaskedBatchNorm(nn.BatchNorm):
+    """``nn.BatchNorm`` whose ``mask`` may select nothing.
+
+    Flax averages the batch statistics over the elements ``mask`` selects (``mask`` must
+    broadcast to the input: (N, 1, 1, 1) selects whole rows). Where it selects none, Flax would
+    divide 0 by 0 and make the running statistics and every output NaN; here the statistics
+    of that call are taken over all elements instead (finite outputs) and the running
+    statistics stay as they were, so rows that are masked out never move them. Variables and
+    names are those of ``nn.BatchNorm``.
+    """
+
+    def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
+        if mask is None or nn.merge_param(
+            "use_running_average", self.use_running_average, use_running_average
+        ):
+            return super().__call__(x, use_running_average, mask=mask)
+        selects_any = jnp.any(mask)
+        # Flax does not update the running statistics while initialising.
+        before = None
+        if not self.is_initializing():
+            before = {n: self.get_variable("batch_stats", n) for n in ("mean", "var")}
+        y = super().__call__(x, use_running_average, mask=jnp.logical_or(mask, ~selects_any))
+        if before is not None:
+            for n, old in before.items():
+                new = self.get_variable("batch_stats", n)
+                self.put_variable("batch_stats", n, jnp.where(selects_any, new, old))
+        return y
+
+
 class _Block(nn.Module):
     """A torchvision BasicBlock / Bottleneck; optional TSM shift of the residual branch input."""
 
@@ -129,7 +158,7 @@ class _Block(nn.Module):
 
         else:
             bn = functools.partial(
-                nn.BatchNorm,
+                MaskedBatchNorm,
                 use_running_average=use_running_average,
                 momentum=0.9,
                 epsilon=_BN_EPSILON,
@@ -200,6 +229,9 @@ class ResNetStem(nn.Module):
     subtraction, in float32 rounded once to ``dtype``. Its parameters come from
     ``fold_stem_batchnorm(variables)`` of the plain stem (gradients flow through the fold);
     ``use_running_average`` is ignored.
+
+    ``bn_mask`` (N,) bool, optional: frames that are False (the empty batch slots of the
+    sampling baselines) are left out of the BatchNorm batch statistics in training mode.
     """
 
     depth: int = 50
@@ -211,8 +243,10 @@ class ResNetStem(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, *, use_running_average: bool):
+    def __call__(self, x, *, use_running_average: bool, bn_mask=None):
         n_stages = _stages_in_stem(self.cluster_point)
+        if bn_mask is not None:
+            bn_mask = bn_mask.reshape(-1, 1, 1, 1)
         if self.folded:
             # (u/255 - mean)/std = (u - 255 mean) / (255 std): the division sits in conv1's
             # kernel; the subtraction stays here so that conv1's zero padding is still the
@@ -233,14 +267,14 @@ class ResNetStem(nn.Module):
         if self.linear:
             return nn.avg_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)), count_include_pad=True)
         if not self.folded:
-            x = nn.BatchNorm(
+            x = MaskedBatchNorm(
                 use_running_average=use_running_average,
                 momentum=0.9,
                 epsilon=_BN_EPSILON,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 name="bn1",
-            )(x)
+            )(x, mask=bn_mask)
         x = nn.max_pool(nn.relu(x), (3, 3), (2, 2), padding=((1, 1), (1, 1)))
         in_ch = self.width
         bottleneck = _ARCHS[self.depth][0] == "bottleneck"
@@ -255,7 +289,7 @@ class ResNetStem(nn.Module):
                     dtype=self.dtype,
                     param_dtype=self.param_dtype,
                     name=name,
-                )(x, use_running_average=use_running_average)
+                )(x, use_running_average=use_running_average, bn_mask=bn_mask)
                 in_ch = planes * (4 if bottleneck else 1)
         return x
 
@@ -309,7 +343,8 @@ class ResNetTrunk(nn.Module):
     Input (B, K, h, w, c) (K cluster means or sampled frames, in time order) -> per-step
     logits (B, K, num_classes) float32. ``temporal_shift`` shifts 1/8 + 1/8 channels along K
     at the start of every residual branch. ``segment_mask`` (B, K) bool, optional: steps that
-    are False (empty clusters) are left out of the BatchNorm batch statistics.
+    are False (empty clusters, empty batch slots) are left out of the BatchNorm batch
+    statistics.
     """
 
     num_classes: int
@@ -389,6 +424,7 @@ class ResNet(nn.Module):
 __all__: Sequence[str] = (
     "BACKBONES",
     "CLUSTER_POINTS",
+    "MaskedBatchNorm",
     "ResNet",
     "ResNetStem",
     "ResNetTrunk",
