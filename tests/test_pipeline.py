@@ -5,6 +5,7 @@ TensorFlow."""
 import collections
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -526,9 +527,16 @@ def test_corrupt_files_at_build_per_config_flag(tmp_path):
 def test_trainer_build_has_the_cli_corrupt_video_policy(tmp_path, capsys):
     """The trainer's automatic build and `python -m fva_jax.data.build` share one default: a
     corrupt video stops the build, named with both ways to skip it; skipping prints each one."""
-    from fva_jax.data import build  # pylint: disable=g-import-not-at-top
-
-    assert config_lib.default_config().data.skip_corrupt is build._SKIP.default is False
+    # The CLI's default, read from its --helpfull in a process of its own (importing the module
+    # here would define its absl flags a second time beside fva_jax.main's).
+    helpfull = subprocess.run(
+        [sys.executable, "-m", "fva_jax.data.build", "--helpfull"],
+        capture_output=True,
+        text=True,
+    ).stdout  # absl exits 1 after --helpfull
+    cli_default = re.search(r"--\[no\]skip_corrupt:.*?\(default: '(\w+)'\)", helpfull, re.S)
+    assert config_lib.default_config().data.skip_corrupt is False
+    assert cli_default.group(1) == "false", helpfull
     manual = tmp_path / "manual"
     data_fakes.write_something_something_v1(manual)
     bad = manual / "20bn-something-something-v1" / "4242"

@@ -20,13 +20,16 @@ import sys
 
 from absl import app, flags
 
+from fva_jax import config_lib
+
 _NAME = flags.DEFINE_string("name", "sparse_events", "Data set (fva_jax.data.builders.BUILDERS).")
 _CONFIG = flags.DEFINE_string("config", "", "Builder config ('' = the first, e.g. s1, split1).")
 _DATA_DIR = flags.DEFINE_string("data_dir", "", "TFDS data_dir ('' = ~/tensorflow_datasets).")
 _MANUAL_DIR = flags.DEFINE_string("manual_dir", "", "Where the official download is unpacked.")
 _SKIP = flags.DEFINE_bool(
     "skip_corrupt",
-    False,  # config_lib's data.skip_corrupt default: one policy for the CLI and the trainer
+    # One policy for the CLI and the trainer's automatic build: the config's default.
+    config_lib.default_config().data.skip_corrupt,
     "Skip undecodable videos (printing how many and which) instead of stopping at the first.",
 )
 _WORKERS = flags.DEFINE_integer("num_workers", None, "Decoding processes (default: CPUs, <= 8).")
