@@ -228,6 +228,7 @@ RESUMABLE_FIELDS = {
     "fast_compile": "how XLA optimises the same programs (speed; at most float rounding)",
     "data.data_dir": "the built data set may move; its records are the same",
     "data.manual_dir": "the downloaded data may move; it is only read to build the data set",
+    "data.skip_corrupt": "it acts only while the data set is built; a resume reads the built set",
     "data.eval_split": "evaluation reads the weights, it changes nothing in training",
     "data.num_workers": "how many processes decode the same planned steps",
     "data.prefetch": "how many of the same steps are read ahead",

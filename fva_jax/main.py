@@ -19,8 +19,9 @@ Exit statuses (training.faults): 0 done; 1 an unexpected error (traceback); 2 a 
 again to resume; 74 a checkpoint could not be written (no space, no permission; the latest
 complete one is intact); 69 another process of a multi-process run was lost (start all again:
 they resume from the latest checkpoint); 65 a training step's loss or gradient norm was NaN/Inf
-(nothing of it was saved; change the config before resuming, or the run diverges again). Each
-of 65, 69, 74, 75 prints one line on stderr.
+(nothing of it was saved; a rerun would resume and diverge again, and a resume refuses changed
+settings: start anew in a new --workdir with a safer config). Each of 65, 69, 74, 75 prints one
+line on stderr.
 """
 
 import json

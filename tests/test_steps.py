@@ -17,12 +17,12 @@ NAN, INF = float("nan"), float("inf")
 
 
 def plain_topk_correct(logits, labels, k: int) -> np.ndarray:
-    """The rule written out, one video at a time: the label's logit is finite and fewer than
-    k other classes have a logit that is not below it (NaN is not below anything)."""
+    """The rule written out, one video at a time: every logit is finite and fewer than k other
+    classes have a logit greater than or equal to the label's."""
     out = []
     for row, y in zip(np.asarray(logits, np.float64), labels):
-        rivals = sum(1 for c, v in enumerate(row) if c != y and not v < row[y])
-        out.append(float(np.isfinite(row[y]) and rivals < k))
+        rivals = sum(1 for c, v in enumerate(row) if c != y and v >= row[y])
+        out.append(float(np.isfinite(row).all() and rivals < k))
     return np.array(out)
 
 
@@ -42,9 +42,9 @@ _RANKING_CASES = [
     # NaN or Inf logits.
     ([NAN, NAN, NAN], 1, 0, 0),
     ([0.0, NAN, -1.0], 1, 0, 0),  # NaN at the label
-    ([1.0, NAN, 0.0], 0, 0, 1),  # NaN elsewhere ranks as a rival
+    ([1.0, NAN, 0.0], 0, 0, 0),  # NaN elsewhere: the output is broken
     ([INF, 0.0, -1.0], 0, 0, 0),  # +Inf at the label is not finite
-    ([-INF, 0.0, 1.0], 2, 1, 1),  # -Inf elsewhere is below a finite label
+    ([-INF, 0.0, 1.0], 2, 0, 0),  # so is -Inf elsewhere
     ([INF, INF, INF], 2, 0, 0),
     # A clear winner.
     ([0.1, 3.0, -2.0], 1, 1, 1),
@@ -66,9 +66,9 @@ def test_topk_correct_counts_ties_and_non_finite_logits_as_wrong():
             got = np.asarray(steps.topk_correct(jnp.asarray(logits), jnp.asarray(labels), k))
             np.testing.assert_array_equal(got, np.array(want, np.float32), err_msg=f"top-{k}")
             np.testing.assert_array_equal(got, plain_topk_correct(logits, labels, k))
-        # k beyond the number of classes: right exactly when the label's logit is finite.
+        # k beyond the number of classes: right exactly when every logit is finite.
         got = steps.topk_correct(jnp.asarray(logits), jnp.asarray(labels), 5)
-        finite = np.isfinite(logits[np.arange(len(labels)), labels])
+        finite = np.isfinite(logits).all(axis=1)
         np.testing.assert_array_equal(np.asarray(got), finite.astype(np.float32))
 
 

@@ -45,6 +45,7 @@ from fva_jax.training import (
     checkpoints,
     distributed,
     epochs,
+    evaluation,
     experiment,
     faults,
     optim,
@@ -214,9 +215,9 @@ def reference_eval(config, variables, mode: str) -> dict:
     logits, y = np.stack(logits), np.array(labels)
     top = logits.max(1, keepdims=True)
     logp = logits - top - np.log(np.exp(logits - top).sum(1, keepdims=True))
-    # The rule of steps.topk_correct: rivals are the other classes not below the label.
+    # The rule of steps.topk_correct: finite logits; rivals are the other classes >= the label.
     label_logit = logits[np.arange(len(y)), y][:, None]
-    rank = np.where(np.isfinite(label_logit[:, 0]), (~(logits < label_logit)).sum(1) - 1, 99)
+    rank = np.where(np.isfinite(logits).all(1), (logits >= label_logit).sum(1) - 1, 99)
     top1 = (rank < 1).astype(float)
     per_class = [top1[y == c].mean() for c in range(info["num_classes"]) if (y == c).any()]
     return {
@@ -546,6 +547,38 @@ def test_resume_with_changed_settings_is_refused_before_reading_data(
     assert "\n" not in message
     assert f"cannot resume checkpoint step 8 in {workdir}/checkpoints: {shown} changed" in message
     assert {p: p.stat().st_mtime_ns for p in workdir.rglob("*")} == before
+
+
+def test_an_evaluation_that_does_not_count_every_video_once_is_not_reported():
+    """The metrics must count exactly the split's videos (dataset_info), or nothing is
+    reported: a video read twice or left out over the hosts is an error naming both counts."""
+    run = types.SimpleNamespace(
+        config=tiny_config("unused"), info={"num_examples": {"train": 12, "test": NUM_TEST}}
+    )
+    evaluation._check_every_video_counted(run, "eval", NUM_TEST)
+    for counted in (NUM_TEST - 1, NUM_TEST + 1):
+        with pytest.raises(ValueError, match=rf"eval: the metrics count {counted} videos, the "):
+            evaluation._check_every_video_counted(run, "eval", counted)
+
+
+def test_resume_on_another_device_count_is_refused_before_reading_data(full_run, tmp_path):
+    """A checkpoint written with another number of devices (the batch plan depends on it) is
+    refused before the data set is opened, with one line naming both layouts."""
+    config, full_workdir, _, _ = full_run
+    workdir = copy_run(full_workdir, tmp_path / "run", last_step=8)
+    path = workdir / "checkpoints" / "8" / "data" / "metadata"
+    data = json.loads(path.read_text())
+    data["device_count"] = jax.device_count() + 1
+    path.write_text(json.dumps(data))
+    with pytest.raises(config_lib.ConfigError) as refused:
+        train.train_and_evaluate(config, str(workdir), data=_NoData())
+    message = str(refused.value)
+    assert "\n" not in message
+    assert (
+        f"cannot resume checkpoint step 8 in {workdir}/checkpoints: it was written by 1 "
+        f"processes with {jax.device_count() + 1} devices, this run has 1 with "
+        f"{jax.device_count()}"
+    ) in message
 
 
 def test_resume_with_changed_seed_exits_2_through_main(full_run, data_dir, tmp_path):

@@ -239,9 +239,10 @@ def _latest_data_record(ckpt_dir: epath.Path) -> tuple[int, dict[str, Any]] | No
 
 
 def check_resume(config: ml_collections.ConfigDict, workdir) -> list[str]:
-    """Before any work: refuses to resume the latest checkpoint of `workdir` with a config
-    that changes a field it stored (config_lib.run_settings), raising config_lib.ConfigError
-    with one line naming each field with its old and new value. Returns the warnings it
+    """Before any work: refuses to resume the latest checkpoint of `workdir` with another
+    number of processes or devices, or with a config that changes a field it stored
+    (config_lib.run_settings), raising config_lib.ConfigError with one line naming each field
+    with its old and new value. Returns the warnings it
     logged: a longer run (the learning-rate schedule is recomputed), a checkpoint written
     before the settings were stored (only the data position can be checked). Nothing when
     there is no checkpoint. Every process reads the same files, so all decide the same."""
@@ -250,12 +251,22 @@ def check_resume(config: ml_collections.ConfigDict, workdir) -> list[str]:
     if found is None:
         return []
     step, data = found
+    layout = (data.get("process_count"), data.get("device_count"))
+    if None not in layout and layout != (jax.process_count(), jax.device_count()):
+        raise config_lib.ConfigError(
+            f"cannot resume checkpoint step {step} in {ckpt_dir}: it was written by {layout[0]} "
+            f"processes with {layout[1]} devices, this run has {jax.process_count()} with "
+            f"{jax.device_count()}; the batch plan (and so the data position) depends on them. "
+            "Resume with the same hosts and devices, or use a new --workdir"
+        )
     stored = data.get("config")
     if stored is None:
         warnings = [
             f"checkpoint step {step} in {ckpt_dir} was written before fva_jax stored the run's "
             "settings: a changed seed, crop, bucket, model or optimizer setting cannot be "
-            "detected (only the data position is checked); resuming"
+            "detected (only the data position is checked), and a sampled epoch that ends with "
+            "a partial step now places it elsewhere (resumed inside such an epoch, some of its "
+            "videos are read twice and others not at all); resuming"
         ]
     else:
         refused, longer, unchecked = config_lib.compare_for_resume(

@@ -77,13 +77,27 @@ def _eval_batches(run: Run, mode: str) -> Iterator[dict[str, np.ndarray]]:
         )
 
 
+def _check_every_video_counted(run: Run, name: str, counted: int) -> None:
+    """An evaluation whose metrics count another number of videos than the split holds (a
+    video read twice or left out, over all hosts) must not be reported."""
+    split = run.config.data.eval_split
+    expected = run.info.get("num_examples", {}).get(split)
+    if expected is not None and counted != int(expected):
+        raise ValueError(
+            f"{name}: the metrics count {counted} videos, the {split!r} split of "
+            f"{run.config.data.name} holds {expected} (dataset_info); every video must be "
+            "evaluated exactly once. The data pipeline's evaluation plan is wrong: report this"
+        )
+
+
 def evaluate_state(
     run: Run,
     eval_steps: Mapping[str, Callable],
     state: steps.TrainState,
     timelines: list | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Metrics over the whole eval split (every video once), per result of eval_modes.
+    """Metrics over the whole eval split (every video once, checked against the split's size
+    in dataset_info), per result of eval_modes.
 
     timelines: if a list, the first config.eval.num_timeline_videos real videos of this
       host's "eval" batches are appended to it as (frames uint8 (n, H, W, 3) of the valid
@@ -110,6 +124,7 @@ def evaluate_state(
         values = {k: float(v) for k, v in total.compute().items()}
         per_class = total.mean_class_accuracy.per_class()
         values["num_examples"] = int(np.asarray(total.mean_class_accuracy.total).sum())
+        _check_every_video_counted(run, name, values["num_examples"])
         values["per_class_accuracy"] = {
             (run.class_names[i] if i < len(run.class_names) else str(i)): (
                 None if np.isnan(a) else float(a)

@@ -34,8 +34,8 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM after checkpointing; run 
 EXIT_CHECKPOINT_WRITE_FAILED = 74  # EX_IOERR: a checkpoint could not be written
 EXIT_LOST_PROCESS = 69  # EX_UNAVAILABLE: another process of a multi-process run was lost
 # EX_DATAERR: training diverged (a NaN/Inf loss or gradient). A rerun resumes from the last
-# good checkpoint and would diverge the same way: change the config (learning rate, clipping,
-# dtype) first.
+# good checkpoint and would diverge the same way, and a resume refuses changed settings: start
+# anew in a new workdir with a safer config (learning rate, clipping, dtype).
 EXIT_NON_FINITE = 65
 
 

@@ -2,8 +2,8 @@
 
 * `TrainState`: step, params, BatchNorm statistics, optimizer state, RNG key;
 * `TrainMetrics` / `EvalMetrics` (clu metrics), `PerClassAccuracy`, `topk_correct` (a
-  video is top-k correct only when its label's logit is finite and fewer than k other classes
-  reach it: ties, NaN and Inf count as wrong);
+  video is top-k correct only when its logits are finite and fewer than k other classes
+  reach its label's: ties, NaN and Inf count as wrong);
 * `loss_and_grads(params, batch_stats, batch, *, model, rngs)`: the loss the trainer
   minimises and its gradient: the sum of each video's cross-entropy times batch["weight"]
   when the batch has one (the trainer's batches do: every video of an epoch weighs the same,
@@ -115,18 +115,17 @@ class EvalMetrics(metrics.Collection):
 
 
 def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
-    """float32 (B,): 1 where the label's logit is finite and fewer than k other classes have a
-    logit that is not below it; else 0.
+    """float32 (B,): 1 where every logit of the video is finite and fewer than k other classes
+    have a logit greater than or equal to the label's; else 0.
 
     Ties count as wrong (constant logits, e.g. a collapsed classifier, give 0, not 1), and so
-    do NaN or Inf at the label; a NaN logit of another class counts as not below the label's.
+    does any NaN or Inf logit of the video (a broken output is never a right answer).
     """
     k = min(k, logits.shape[-1])
     label_logit = jnp.take_along_axis(logits, labels[:, None], axis=-1)
     others = ~jax.nn.one_hot(labels, logits.shape[-1], dtype=bool)
-    # `~(x < y)` rather than `x >= y`: true for NaN, which must not rank below the label.
-    rivals = jnp.sum(others & ~(logits < label_logit), axis=-1)
-    return (jnp.isfinite(label_logit[:, 0]) & (rivals < k)).astype(jnp.float32)
+    rivals = jnp.sum(others & (logits >= label_logit), axis=-1)
+    return (jnp.isfinite(logits).all(axis=-1) & (rivals < k)).astype(jnp.float32)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -229,9 +228,9 @@ def eval_step(
     state: TrainState, batch: dict[str, jax.Array], *, model
 ) -> tuple[EvalMetrics, dict[str, jax.Array]]:
     """Metrics of one eval batch, and per video: segment_ids int32 (B, T), prediction int32
-    (B,): the class with the highest logit, or -1 where no class has a finite logit above all
-    others (a tie or NaN: what top1 counts as wrong), so prediction == label exactly where
-    top1 is 1."""
+    (B,): the class with the highest logit, or -1 where no class is above all others or a
+    logit is NaN or Inf (what top1 counts as wrong), so prediction == label exactly where top1
+    is 1."""
     logits, segment_ids = model.apply(
         {"params": state.params, "batch_stats": state.batch_stats},
         batch["video"],

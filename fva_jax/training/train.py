@@ -18,7 +18,7 @@ One readable loop in the style of big_vision / flax examples/imagenet:
 * training.steps.train_step / eval_step, jitted here with the shardings, the state donated;
   every real video of an epoch weighs the same in the loss, whatever its length bucket (the
   batch's "weight", experiment.video_loss_weights), while train/loss reports the mean
-  cross-entropy over each step's real videos;
+  cross-entropy over the real videos of the steps since the previous log line;
 * checkpoints (training.checkpoints) every config.checkpoint.every_steps and at the end, with
   the data state {"epoch", "step"}: a run killed at any moment and restarted with the same
   command ends with exactly the metrics of an uninterrupted one;
@@ -158,6 +158,8 @@ def _check_finite(pending: list[tuple[int, Any]], last_saved: int | None, workdi
     """Raises faults.NonFiniteError at the first step whose training loss or gradient norm is
     NaN/Inf (a finite loss with a non-finite gradient leaves non-finite parameters)."""
     for step, m in pending:
+        if float(m.loss.count) == 0:  # a step without a real video has nothing to check
+            continue
         values = {"loss": float(m.loss.compute()), "gradient norm": float(m.grad_norm.compute())}
         bad = [f"the {name} is {v}" for name, v in values.items() if not math.isfinite(v)]
         if bad:
@@ -168,8 +170,9 @@ def _check_finite(pending: list[tuple[int, Any]], last_saved: int | None, workdi
             )
             raise faults.NonFiniteError(
                 f"training stopped at step {step}: {' and '.join(bad)} ({kept}; nothing of step "
-                f"{step} was saved). Try a lower config.schedule.base_lr, "
-                "config.optim.grad_clip_norm > 0, or config.model.dtype='float32'.",
+                f"{step} was saved). Rerunning resumes and diverges again: start anew with a new "
+                "--workdir and a lower config.schedule.base_lr, config.optim.grad_clip_norm > 0 "
+                "or config.model.dtype='float32' (a resume refuses changed settings).",
                 step=step,
                 latest_step=last_saved,
             )
