@@ -5,7 +5,7 @@ fixed weights drawn here from NumPy (so the reference does not depend on Flax's 
 on a batch of one unpadded and one padded video: the clustered (sampling="cluster") logits in
 eval and in training mode, the segment ids, and a fingerprint of the gradients of a
 cross-entropy loss with respect to every parameter and of the new batch statistics. It was
-written by the ``FullVideoModel`` of commit e66f634 (before the model became a specialisation
+written by the ``FullVideoModel`` of commit c5092d6 (before the model became a specialisation
 of the generic ``FullVideo``), so that tests/test_full_video.py can check that the model still
 computes the same thing. Re-make it (only when the model's math is meant to change) from the
 repository root with
