@@ -1,7 +1,12 @@
-"""FullVideoModel: two-pass chunked clustering against plain references, sampling baselines."""
+"""FullVideo and its ResNet specialisation FullVideoModel: two-pass chunked clustering against
+plain references, sampling baselines, the stored reference of the ResNet model."""
 
 import functools
+import pathlib
+import re
 
+import flax.linen as nn
+import full_video_reference
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +16,7 @@ import pytest
 from fva_jax import clustering
 from fva_jax.models import plans
 from fva_jax.models.full_video import (
+    FullVideo,
     FullVideoModel,
     choose_plan,
     dense_indices,
@@ -42,6 +48,28 @@ def tiny(**kw):
     return FullVideoModel(**args)
 
 
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+
+
+@functools.lru_cache(maxsize=None)
+def readme_backbone():
+    """(Stem, Trunk): the small CNN of the README's "Your own backbone" example, as printed
+    (its code up to the model's construction)."""
+    section = README.read_text().split("## Your own backbone", 1)[1]
+    example = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    namespace = {}
+    exec(example.split("\nmodel = ")[0], namespace)  # noqa: S102 - the repository's own README
+    return namespace["Stem"], namespace["Trunk"]
+
+
+def model_of(backbone, **kw):
+    """The tiny ResNet ("resnet") or FullVideo around the README's CNN ("readme_cnn")."""
+    if backbone == "resnet":
+        return tiny(**kw)
+    stem, trunk = readme_backbone()
+    return FullVideo(stem(), trunk(), **{"num_clusters": K, "chunk_size": 4, **kw})
+
+
 @functools.lru_cache(maxsize=None)
 def init_variables(model):
     v, m = make_videos()
@@ -55,8 +83,8 @@ def cached_loss_and_grads(model, method=None):
 
 
 def loss_and_grads(model, method=None):
-    """jit'd (variables, videos, mask, labels) -> ((loss, (segment ids, new batch_stats)),
-    grads)."""
+    """jit'd (variables, videos, mask, labels) -> ((loss, (segment ids, new batch_stats,
+    logits)), grads); a model without batch statistics gets {}."""
 
     def loss_fn(params, batch_stats, videos, mask, labels):
         (logits, seg), upd = model.apply(
@@ -69,10 +97,12 @@ def loss_and_grads(model, method=None):
             method=method,
         )
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-        return loss, (seg, upd["batch_stats"])
+        return loss, (seg, upd.get("batch_stats", {}), logits)
 
     grad = jax.value_and_grad(loss_fn, has_aux=True)
-    return jax.jit(lambda variables, *a: grad(variables["params"], variables["batch_stats"], *a))
+    return jax.jit(
+        lambda variables, *a: grad(variables["params"], variables.get("batch_stats", {}), *a)
+    )
 
 
 def assert_trees_close(a, b, rtol=1e-4, scale_tol=1e-4):
@@ -93,37 +123,71 @@ def assert_trees_close(a, b, rtol=1e-4, scale_tol=1e-4):
 LABELS = jnp.array([1, 3])
 
 
+@pytest.mark.parametrize("backbone", ["resnet", "readme_cnn"])
 @pytest.mark.parametrize(
     "plan,chunk", [("recompute", 3), ("recompute", 4), ("keep_stem", 3), ("unchunked", 4)]
 )
-def test_every_plan_equals_unchunked_reference(plan, chunk):
-    """Loss, every gradient leaf, batch statistics and segment ids equal the unchunked math
-    of the plain (unfolded) stem, for every memory plan.
+def test_every_plan_equals_unchunked_reference(backbone, plan, chunk):
+    """Logits, loss, every gradient leaf, batch statistics and segment ids equal the unchunked
+    math of the plain (unfolded) stem, for every memory plan, for the tiny ResNet (folded
+    stem, BatchNorm) and for FullVideo around the README's small CNN.
 
     chunk=3 and 4 do not divide T=10 (the last chunk overlaps the previous one); window=2
-    crosses chunk boundaries in pass 1; the second video has padded frames.
+    crosses chunk boundaries in pass 1; the first video is unpadded, the second has padded
+    frames.
     """
-    model = tiny(chunk_size=chunk, window=2, plan=plan)
-    variables = init_variables(tiny())  # the same parameters for every chunk size
+    model = model_of(backbone, chunk_size=chunk, window=2, plan=plan)
+    variables = init_variables(model_of(backbone))  # the same parameters for every chunk size
     v, m = make_videos()
-    (loss, (seg, stats)), grads = cached_loss_and_grads(model)(variables, v, m, LABELS)
+    (loss, (seg, stats, logits)), grads = cached_loss_and_grads(model)(variables, v, m, LABELS)
     # The reference applies the clustering library to all frames' activations at once.
-    ref = cached_loss_and_grads(tiny(chunk_size=4, window=2), "unchunked")
-    (rloss, (rseg, rstats)), rgrads = ref(variables, v, m, LABELS)
+    ref = cached_loss_and_grads(model_of(backbone, chunk_size=4, window=2), "unchunked")
+    (rloss, (rseg, rstats, rlogits)), rgrads = ref(variables, v, m, LABELS)
     np.testing.assert_array_equal(np.asarray(seg), np.asarray(rseg))
     assert seg.shape == (B, T) and seg.dtype == jnp.int32
     assert (np.asarray(seg)[1, LENGTHS[1] :] == K).all() and len(np.unique(np.asarray(seg)[0])) == K
+    assert logits.shape == (B, 5)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(rlogits), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(float(loss), float(rloss), rtol=1e-5)
     assert_trees_close(grads, rgrads)
     assert_trees_close(stats, rstats)
-    # Stem BatchNorm runs on its running statistics (unchanged), trunk BatchNorm trains.
-    assert_trees_close(stats["stem"], variables["batch_stats"]["stem"], rtol=0, scale_tol=0)
-    assert not np.allclose(
-        stats["trunk"]["layer2_0"]["bn1"]["mean"],
-        variables["batch_stats"]["trunk"]["layer2_0"]["bn1"]["mean"],
-    )
-    # Gradients reach the stem (through every plan's backward) and are not all zero.
-    assert float(jnp.abs(grads["stem"]["conv1"]["kernel"]).sum()) > 0
+    # Gradients reach every stem parameter (through every plan's backward).
+    assert all(float(jnp.abs(g).sum()) > 0 for g in jax.tree.leaves(grads["stem"]))
+    if backbone == "resnet":
+        # Stem BatchNorm runs on its running statistics (unchanged), trunk BatchNorm trains.
+        assert_trees_close(stats["stem"], variables["batch_stats"]["stem"], rtol=0, scale_tol=0)
+        assert not np.allclose(
+            stats["trunk"]["layer2_0"]["bn1"]["mean"],
+            variables["batch_stats"]["trunk"]["layer2_0"]["bn1"]["mean"],
+        )
+
+
+def assert_matches_fingerprint(want, got, name):
+    """A fingerprint entry of tests/full_video_reference.py: values, or norm and projections
+    (compared up to 1e-4 of the norm: float32 sums in another order)."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    scale = float(np.abs(want).max()) if want.size else 0.0
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * scale + 1e-9, err_msg=name)
+
+
+@pytest.mark.parametrize("plan", ["unchunked", "recompute"])
+def test_resnet_reproduces_the_stored_reference(plan):
+    """The ResNet model computes what it computed before FullVideo generalised it
+    (tests/data/full_video_resnet18.npz, made by tests/full_video_reference.py with the
+    model of commit c5092d6): clustered logits in eval and training mode, segment ids, the
+    gradients of every parameter and the new batch statistics, on an unpadded and a padded
+    video."""
+    want = np.load(full_video_reference.PATH)
+    model = FullVideoModel(**{**full_video_reference.MODEL_KWARGS, "plan": plan})
+    got = full_video_reference.outputs(model, full_video_reference.variables_for(model))
+    assert sorted(got) == sorted(want.files)
+    for name in ("segment_ids", "eval_segment_ids"):
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    for name in ("train_logits", "eval_logits", "loss"):
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5, err_msg=name)
+    for name in sorted(got):
+        if name.startswith(("grad/", "batch_stats/")):
+            assert_matches_fingerprint(want[name], got[name], name)
 
 
 def test_slope_method_matches_unchunked():
@@ -147,8 +211,8 @@ def test_padded_frames_are_ignored(plan):
     v, m = make_videos()
     noisy = v.at[1, LENGTHS[1] :].set(255 - v[1, LENGTHS[1] :])
     step = cached_loss_and_grads(model)
-    (loss, (seg, _)), grads = step(variables, v, m, LABELS)
-    (loss2, (seg2, _)), grads2 = step(variables, noisy, m, LABELS)
+    (loss, (seg, _, _)), grads = step(variables, v, m, LABELS)
+    (loss2, (seg2, _, _)), grads2 = step(variables, noisy, m, LABELS)
     np.testing.assert_array_equal(np.asarray(seg), np.asarray(seg2))
     # Not exact: on GPUs segment_sum's atomic adds sum in a varying order (H200: loss 1.8e-6
     # relative), amplified in the gradients as in assert_trees_close. Padding that leaked in
@@ -190,7 +254,7 @@ def test_linear_stem_clustering_loses_nothing():
             lambda v, m: model.init({"params": jax.random.key(0)}, v, m, train=False), v, m
         )
     )
-    (loss, (seg, _)), grads = loss_and_grads(model)(variables, v, m, LABELS)
+    (loss, (seg, _, _)), grads = loss_and_grads(model)(variables, v, m, LABELS)
 
     def mean_frame_model(module, videos, mask, seg, *, train):
         frames, counts = clustering.aggregate(normalize_images(videos), seg, K, mask)
@@ -210,7 +274,7 @@ def test_degenerate_videos_are_finite(k):
     v = v.at[0].set(v[0, 0])
     model = tiny(num_clusters=k, chunk_size=4)
     variables = init_variables(tiny())
-    (loss, (seg, _)), grads = cached_loss_and_grads(model)(variables, v, m, LABELS)
+    (loss, (seg, _, _)), grads = cached_loss_and_grads(model)(variables, v, m, LABELS)
     assert np.isfinite(float(loss))
     assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
     seg = np.asarray(seg)
@@ -261,15 +325,18 @@ def test_sampling_indices():
     assert starts == [0, 7, 13]
 
 
-def test_baselines_equal_all_frames_when_they_pick_every_frame():
+@pytest.mark.parametrize("backbone", ["resnet", "readme_cnn"])
+def test_baselines_equal_all_frames_when_they_pick_every_frame(backbone):
     """uniform (K = T, centre) and dense (stride 1) pick every frame once, in order: then they
-    are the all-frames network (shift along time, logits averaged)."""
+    are the all-frames network (ResNet: shift along time; logits averaged)."""
     t = 4
     v, m = make_videos(t=t, lengths=(t, t))
-    variables = init_variables(tiny())
-    want, _ = tiny(num_clusters=t).apply(variables, v, m, train=False, method="all_frames")
+    variables = init_variables(model_of(backbone))
+    want, _ = model_of(backbone, num_clusters=t).apply(
+        variables, v, m, train=False, method="all_frames"
+    )
     for sampling in ("uniform", "dense"):
-        got, seg = tiny(num_clusters=t, sampling=sampling, dense_stride=1).apply(
+        got, seg = model_of(backbone, num_clusters=t, sampling=sampling, dense_stride=1).apply(
             variables, v, m, train=False
         )
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
@@ -527,3 +594,52 @@ def test_auto_picks_the_fastest_plan_that_fits_the_budget(caplog):
         jax.eval_shape(functools.partial(model.apply, train=False), variables, v, m)
     logged = [r.getMessage() for r in caplog.records if str(v.shape) in r.getMessage()]
     assert len(logged) == 1 and "plan keep_stem" in logged[0], logged
+
+
+class TokenStem(nn.Module):
+    """Frames (N, 4, 4, 3) uint8 -> tokens (N, 16, 8): features shaped as a ViT's, not (h, w, c)."""
+
+    @nn.compact
+    def __call__(self, x, *, train, mask=None):
+        x = x.reshape(x.shape[0], -1, 3).astype(jnp.float32) / 255.0 - 0.5
+        return nn.Dense(8, use_bias=False)(x)
+
+
+class TokenTrunk(nn.Module):
+    """Cluster means (B, K, 16, 8) -> logits (B, 5): pooled over tokens and steps."""
+
+    @nn.compact
+    def __call__(self, x, *, train, mask):
+        pooled = jnp.sum(jnp.mean(x, axis=2) * mask[..., None], axis=1)
+        return nn.Dense(5, use_bias=False)(pooled / jnp.maximum(mask.sum(1), 1)[:, None])
+
+
+def test_estimates_and_plans_for_token_features():
+    """FullVideo with (tokens, d) features: the plans' estimates come from the abstract shapes
+    of this stem and trunk (the stem's VJP keeps its float input, 16*3 float32 values a frame;
+    the trunk's keeps the pooled (8,) means of a video; the stem outputs 16*8 values), and
+    every plan gives the unchunked logits and segment ids."""
+    b, t, k, chunk = 2, 64, 3, 8
+    model = FullVideo(TokenStem(), TokenTrunk(), num_clusters=k, chunk_size=chunk, window=2)
+    choice = choose_plan(model, (b, t, 4, 4, 3))
+    v = -(-b // jax.device_count())
+    r, o, h = 16 * 3 * 4, 16 * 8, 8 * 4
+    common = v * h + 2 * v * k * o * 4
+    assert choice.estimates == {
+        "unchunked": v * t * (r + 4 * o) + common,
+        "keep_stem": max(v * t * o * 4 + v * chunk * (r + 4 * o), v * chunk * (r + 4 * o) + common),
+        "recompute": v * chunk * (r + 4 * o) + common,
+    }
+    rng = np.random.default_rng(3)
+    videos = jnp.asarray(rng.integers(0, 256, (b, 12, 4, 4, 3), np.uint8))
+    mask = jnp.asarray(np.arange(12)[None] < np.array([[12], [9]]))
+    variables = model.init(jax.random.key(0), videos, mask, train=False)
+    want, want_seg = model.apply(variables, videos, mask, train=False, method="unchunked")
+    for plan in ("unchunked", "keep_stem", "recompute"):
+        logits, seg = model.clone(plan=plan, chunk_size=5).apply(
+            variables, videos, mask, train=False
+        )
+        np.testing.assert_array_equal(np.asarray(seg), np.asarray(want_seg), err_msg=plan)
+        np.testing.assert_allclose(np.asarray(logits), np.asarray(want), rtol=1e-5, atol=1e-6)
+    with pytest.raises(TypeError, match="FullVideo's stem must be a flax.linen Module"):
+        FullVideo(lambda x: x, TokenTrunk()).init(jax.random.key(0), videos, mask, train=False)

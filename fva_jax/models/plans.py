@@ -10,8 +10,8 @@ segment's cotangent. They differ only in what they keep for the backward pass:
     activations (no scan, no rematerialisation): 3 stem-forward equivalents per frame
     (forward, and the backward's two halves). Memory O(T).
 ``"keep_stem"``
-    pass 1 runs the stem chunk by chunk without gradient and keeps its outputs (in the
-    compute dtype: bf16 when the model computes in bfloat16) next to the distances; the
+    pass 1 runs the stem chunk by chunk without gradient and keeps its outputs (in their
+    dtype: bf16 when the model computes in bfloat16) next to the distances; the
     forward sums are taken from the kept outputs, so pass 2 has no forward. Its backward
     (a ``jax.custom_vjp``) recomputes one chunk's stem with ``jax.vjp`` at a time and
     feeds it the chunk's cotangent gathered from the segment cotangents: 4 stem-forward
@@ -33,11 +33,12 @@ positions directly; ``clustering.hamming_distances`` would first gather the vali
 to the front, which changes nothing on such masks but costs a gather of the bits (and,
 chunk by chunk, could not reach across a hole into the next chunk anyway).
 
-The estimate (`estimate`, bytes per device) comes from shapes, at trace time:
+The estimate (`estimate`, bytes per device) comes from shapes, at trace time, for any stem
+and trunk (``per_item_bytes``: no formula of a particular network):
   r = bytes the stem's VJP keeps per frame (its residuals, read off
       ``jax.eval_shape`` of ``jax.vjp`` of the stem on 2 frames minus 1 frame),
-  o = stem output values per frame, s = bytes of one value in the compute dtype,
-  h = bytes the trunk's VJP keeps per video (K steps), the same way,
+  o = stem output values per frame, s = bytes of one stem output value (its dtype),
+  h = bytes the trunk's VJP keeps per video (K steps, in training), the same way,
   v = videos per device, c = min(chunk_size, T):
     common    = v*h + 2*v*K*o*4                      (head; float32 sums, their cotangent)
     chunk     = v*c*(r + 4*o)                        (one chunk's VJP + float32 cotangent)
@@ -59,7 +60,6 @@ about twice the residuals of so small a network).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Callable
 
@@ -122,54 +122,60 @@ def _residual_bytes(fn, params, *inputs) -> int:
     return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(pullback))
 
 
-@functools.lru_cache(maxsize=64)
-def _per_item_bytes(stem, trunk, frame_shape, num_clusters):
-    """(stem VJP bytes per frame, stem output shape and dtype, trunk VJP bytes per video).
+def per_item_bytes(
+    stem_apply: Callable,
+    init_stem: Callable,
+    trunk_apply: Callable,
+    init_trunk: Callable,
+    frame_shape: tuple,
+    *,
+    num_clusters: int,
+) -> tuple[int, jax.ShapeDtypeStruct, int]:
+    """(stem VJP bytes per frame, stem output shape and dtype per frame, trunk VJP bytes per
+    video of K steps), for any stem and trunk, from shapes only (nothing runs).
+
+    Args:
+      stem_apply: (variables, uint8 frames (N, *frame_shape)) -> (N, *features), the stem as
+        the clustered passes run it (differentiated with respect to ``variables["params"]``).
+      init_stem: uint8 frames -> the variables ``stem_apply`` takes.
+      trunk_apply: (variables, steps (B, K, *features), mask (B, K) bool) -> logits, in
+        training (differentiated with respect to ``variables["params"]``).
+      init_trunk: (steps, mask) -> the trunk's variables.
 
     Residuals hold the parameters once plus a part linear in the batch: the difference
     between a batch of 2 and of 1 is the part per frame (per video for the trunk).
     """
 
     def frames(n):
-        return jax.ShapeDtypeStruct((n,) + frame_shape, jnp.uint8)
+        return jax.ShapeDtypeStruct((n,) + tuple(frame_shape), jnp.uint8)
 
-    stem_vars = _abstract(
-        jax.eval_shape(
-            lambda f: stem.init(jax.random.key(0), f, use_running_average=True), frames(1)
-        )
-    )
+    def params_and_others(variables):
+        others = {name: value for name, value in variables.items() if name != "params"}
+        return variables.get("params", {}), others
+
+    stem_params, stem_others = params_and_others(_abstract(jax.eval_shape(init_stem, frames(1))))
 
     def run_stem(params, x, others):
-        return stem.apply({**others, "params": params}, x, use_running_average=True)
-
-    others = {key: value for key, value in stem_vars.items() if key != "params"}
+        return stem_apply({**others, "params": params}, x)
 
     def stem_bytes(n):
-        return _residual_bytes(run_stem, stem_vars["params"], frames(n), others)
+        return _residual_bytes(run_stem, stem_params, frames(n), stem_others)
 
-    out = jax.eval_shape(run_stem, stem_vars["params"], frames(1), others)
+    out = jax.eval_shape(run_stem, stem_params, frames(1), stem_others)
 
     def steps(b):
-        return jax.ShapeDtypeStruct((b, num_clusters) + out.shape[1:], out.dtype)
-
-    trunk_vars = _abstract(
-        jax.eval_shape(lambda x: trunk.init(jax.random.key(0), x, train=False), steps(1))
-    )
-
-    def run_trunk(params, x, batch_stats):
-        logits, _ = trunk.apply(
-            {"params": params, "batch_stats": batch_stats},
-            x,
-            train=True,
-            rngs={"dropout": jax.random.key(0)},
-            mutable=["batch_stats"],
+        return (
+            jax.ShapeDtypeStruct((b, num_clusters) + out.shape[1:], out.dtype),
+            jax.ShapeDtypeStruct((b, num_clusters), jnp.bool_),
         )
-        return logits
+
+    trunk_params, trunk_others = params_and_others(_abstract(jax.eval_shape(init_trunk, *steps(1))))
+
+    def run_trunk(params, x, mask, others):
+        return trunk_apply({**others, "params": params}, x, mask)
 
     def trunk_bytes(b):
-        return _residual_bytes(
-            run_trunk, trunk_vars["params"], steps(b), trunk_vars.get("batch_stats", {})
-        )
+        return _residual_bytes(run_trunk, trunk_params, *steps(b), trunk_others)
 
     return (
         stem_bytes(2) - stem_bytes(1),
@@ -179,17 +185,16 @@ def _per_item_bytes(stem, trunk, frame_shape, num_clusters):
 
 
 def estimate(
-    stem, trunk, videos_shape, *, num_clusters: int, chunk_size: int, device_count: int
+    per_item: tuple, videos_shape, *, num_clusters: int, chunk_size: int, device_count: int
 ) -> tuple[dict, int]:
     """({plan: estimated activation bytes per device}, videos per device); see the docstring.
 
-    stem: the folded ``ResNetStem`` (unbound) the clustered passes run on uint8 frames;
-    trunk: the unbound ``ResNetTrunk``; videos_shape: (B, T, H, W, 3) of the whole batch,
-    which is split over ``device_count`` devices.
+    per_item: ``per_item_bytes`` of the model's stem and trunk; videos_shape: (B, T, H, W, 3)
+    of the whole batch, which is split over ``device_count`` devices.
     """
     b, t = videos_shape[:2]
     v = -(-b // device_count)
-    r, out, h = _per_item_bytes(stem, trunk, tuple(videos_shape[2:]), num_clusters)
+    r, out, h = per_item
     o = math.prod(out.shape)
     c = min(chunk_size, t)
     common = v * h + 2 * v * num_clusters * o * 4
@@ -214,16 +219,21 @@ def choose(plan: str, estimates: dict, budget: int) -> str:
 _logged: set = set()
 
 
-def log_once(key, choice: PlanChoice, videos_shape) -> None:
-    """Logs the plan once per (model, batch shape): tracing repeats for init, grad, eval."""
-    if (key, tuple(videos_shape)) in _logged:
+def log_once(key, choice: PlanChoice, videos_shape, name: str = "FullVideoModel") -> None:
+    """Logs the plan once per (model, batch shape): tracing repeats for init, grad, eval.
+
+    key: hashable, the model (None: once per ``name`` and shape); name: the model's class.
+    """
+    seen = (name if key is None else key, tuple(videos_shape))
+    if seen in _logged:
         return
-    _logged.add((key, tuple(videos_shape)))
-    logging.info("FullVideoModel, videos %s: %s", tuple(videos_shape), choice.describe())
+    _logged.add(seen)
+    logging.info("%s, videos %s: %s", name, tuple(videos_shape), choice.describe())
     if choice.estimates[choice.plan] > choice.budget_bytes:
         logging.warning(
-            "FullVideoModel, videos %s: plan %s is estimated at %.0f MiB, over the activation "
+            "%s, videos %s: plan %s is estimated at %.0f MiB, over the activation "
             "budget of %.0f MiB; lower data.frames_per_device or model.chunk_size",
+            name,
             tuple(videos_shape),
             choice.plan,
             choice.estimates[choice.plan] / 2**20,
@@ -258,7 +268,7 @@ class _Chunks:
         return s, jnp.minimum(s, self.t - self.c)
 
     def stem(self, variables, a):
-        """Stem outputs (B, c, h, w, ch) of frames a .. a+c-1."""
+        """Stem outputs (B, c, *features) of frames a .. a+c-1."""
         frames = jax.lax.dynamic_slice_in_dim(self.videos, a, self.c, axis=1)
         acts = self.stem_apply(variables, frames.reshape((-1,) + frames.shape[2:]))
         return acts.reshape((self.b, self.c) + acts.shape[1:])
@@ -393,12 +403,13 @@ def clustered_sums(
 
     Args:
       plan: "unchunked" | "keep_stem" | "recompute" (see the module docstring).
-      stem_apply: (variables, uint8 frames (N, H, W, 3)) -> stem outputs (N, h, w, c).
+      stem_apply: (variables, uint8 frames (N, H, W, 3)) -> stem outputs (N, *features),
+        any feature shape.
       variables: the stem's variables (gradients reach them through every plan).
       videos: (B, T, H, W, 3) uint8; mask: (B, T) bool, valid frames first.
 
     Returns:
-      (sums (B, K, h, w, c) float32, counts (B, K) int32, segment ids (B, T) int32 with
+      (sums (B, K, *features) float32, counts (B, K) int32, segment ids (B, T) int32 with
       K on padding).
     """
     b, t = mask.shape
