@@ -48,6 +48,11 @@ and trunk (``per_item_bytes``: no formula of a particular network):
     recompute = chunk + common
 Parameters, optimizer state and the input videos are not counted: the budget is for
 activations. "auto" takes the first of unchunked, keep_stem, recompute that fits.
+Against XLA's ``memory_analysis()`` temporaries of a whole training step on CPU (float32,
+K=8, chunk 32, one video): ResNet-50 width 16 at 64 px, unchunked 1.03-1.07x of XLA's
+figure at T=32..128 (the per-frame slope within 2 %), recompute 1.35x, keep_stem up to
+1.8x (conservative); the tiny ResNet-18 width 8 at 32 px, unchunked 0.5x (XLA:CPU keeps
+about twice the residuals of so small a network).
 
 Where the model runs without gradient (``train=False``: evaluation, prediction) nothing is
 kept for a backward pass, so the choice takes *forward-only* estimates
@@ -65,14 +70,9 @@ A forward's peak is far below a training step's residuals, so long test videos k
 faster plan than their training steps get under the same budget. Against XLA's temporaries
 of ``jax.jit(model.apply, train=False)`` on CPU (float32, K=8, chunk 32, one video, each plan
 forced): ResNet-50 width 16 at 64 px, 1.00-1.20x at T=32 and 128; ResNet-18 width 8 at
-32 px, 0.94-0.98x, and unchunked 1.5x at T=128. (The
-estimate stays in this module, which makes it a little over 400 lines, so that each plan's
-formula sits beside the pass it describes and changes with it.)
-Against XLA's ``memory_analysis()`` temporaries of a whole training step on CPU (float32,
-K=8, chunk 32, one video): ResNet-50 width 16 at 64 px, unchunked 1.03-1.07x of XLA's
-figure at T=32..128 (the per-frame slope within 2 %), recompute 1.35x, keep_stem up to
-1.8x (conservative); the tiny ResNet-18 width 8 at 32 px, unchunked 0.5x (XLA:CPU keeps
-about twice the residuals of so small a network).
+32 px, 0.94-0.98x, and unchunked 1.5x at T=128.
+(The estimates stay in this module, which makes it a little over 500 lines, so that each
+plan's formula sits beside the pass it describes and changes with it.)
 """
 
 from __future__ import annotations
