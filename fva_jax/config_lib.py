@@ -139,7 +139,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.dropout_rate = 0.8
     c.model.dtype = "float32"  # compute dtype ("float32" | "bfloat16"); params stay float32
     # How sampling="cluster" keeps activations for the backward pass (fva_jax/models/plans.py):
-    # "auto" = per batch shape the fastest that fits model.activation_budget_mb; "unchunked"
+    # "auto" = per batch shape the fastest that fits model.activation_budget_mb (evaluation:
+    # by forward-only estimates, nothing kept for a backward); "unchunked"
     # (all kept, memory O(T)), "keep_stem" (stem outputs kept), "recompute" (memory flat in T).
     c.model.plan = "auto"
     # Activation memory per device for plan="auto", in MiB; -1 = 0.6 of the memory the device

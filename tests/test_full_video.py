@@ -590,10 +590,51 @@ def test_auto_picks_the_fastest_plan_that_fits_the_budget(caplog):
     v, m = make_videos(t=256, lengths=(256, 100))
     variables = init_variables(tiny())
     caplog.set_level("INFO")
-    for _ in range(2):  # traced twice, logged once
-        jax.eval_shape(functools.partial(model.apply, train=False), variables, v, m)
+    train_apply = functools.partial(
+        model.apply, train=True, rngs={"dropout": jax.random.key(0)}, mutable=["batch_stats"]
+    )
+    for _ in range(2):  # traced twice, logged once (a training step: training's estimates)
+        jax.eval_shape(train_apply, variables, v, m)
     logged = [r.getMessage() for r in caplog.records if str(v.shape) in r.getMessage()]
     assert len(logged) == 1 and "plan keep_stem" in logged[0], logged
+
+
+def test_evaluation_chooses_its_plan_from_forward_only_estimates(caplog):
+    """Without gradient (train=False) nothing is kept for a backward pass: under a budget at
+    which a training step of these videos needs "recompute", evaluation keeps the faster
+    "keep_stem", logs that once per (shape, train), and gives the unchunked logits."""
+    b, t, chunk = 2, 128, 4
+    shape = (b, t, PX, PX, 3)
+    training = choose_plan(tiny(chunk_size=chunk), shape).estimates
+    forward = choose_plan(tiny(chunk_size=chunk), shape, train=False).estimates
+    assert all(forward[plan] < training[plan] for plan in training), (forward, training)
+    budget_mb = (forward["keep_stem"] + training["keep_stem"]) / 2 / 2**20
+    model = tiny(chunk_size=chunk, activation_budget_mb=budget_mb)
+    assert training["recompute"] < budget_mb * 2**20  # training's choice fits, a real choice
+    assert choose_plan(model, shape).plan == "recompute"
+    evaluation = choose_plan(model, shape, train=False)
+    assert evaluation.plan == "keep_stem" and not evaluation.train
+
+    v, m = make_videos(seed=4, t=t, lengths=(t, 77))
+    variables = init_variables(tiny())
+    caplog.set_level("INFO")
+    evaluate = functools.partial(model.apply, train=False)
+    logits, seg = jax.jit(evaluate)(variables, v, m)
+    jax.eval_shape(evaluate, variables, v, m)  # traced again: logged once
+    jax.eval_shape(  # a training trace of the same shape logs its own choice
+        lambda vs: model.apply(
+            vs, v, m, train=True, rngs={"dropout": jax.random.key(0)}, mutable=["batch_stats"]
+        ),
+        variables,
+    )
+    logged = [r.getMessage() for r in caplog.records if str(v.shape) in r.getMessage()]
+    assert len(logged) == 2, logged
+    assert "plan keep_stem (forward only" in logged[0], logged
+    assert "plan recompute (training step" in logged[1], logged
+    reference = functools.partial(tiny().apply, train=False, method="unchunked")
+    want, want_seg = jax.jit(reference)(variables, v, m)
+    np.testing.assert_array_equal(np.asarray(seg), np.asarray(want_seg))
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(want), rtol=1e-5, atol=1e-6)
 
 
 class TokenStem(nn.Module):
@@ -641,5 +682,18 @@ def test_estimates_and_plans_for_token_features():
         )
         np.testing.assert_array_equal(np.asarray(seg), np.asarray(want_seg), err_msg=plan)
         np.testing.assert_allclose(np.asarray(logits), np.asarray(want), rtol=1e-5, atol=1e-6)
+    # Forward only (train=False): the stem's forward peak per frame, read off its jaxpr: the
+    # uint8 frame (48 bytes) stays; its reshaped copy (48) becomes float32 (192), divided
+    # (192) and shifted (192) one after another, and at the Dense the shifted input (192)
+    # and the output tokens (16*8 float32, 512) are live with the frame: 48 + 192 + 512.
+    forward = choose_plan(model, (b, t, 4, 4, 3), train=False)
+    f = 48 + 192 + 512
+    head = forward.estimates["recompute"] - v * chunk * (f + 4 * o) - v * k * o * 4
+    assert head >= v * k * o * 4  # the trunk's forward holds at least its input, the K means
+    assert forward.estimates == {
+        "unchunked": v * t * (f + 4 * o) + v * k * o * 4 + head,
+        "keep_stem": v * t * o * 4 + v * chunk * (f + 4 * o) + v * k * o * 4 + head,
+        "recompute": v * chunk * (f + 4 * o) + v * k * o * 4 + head,
+    }
     with pytest.raises(TypeError, match="FullVideo's stem must be a flax.linen Module"):
         FullVideo(lambda x: x, TokenTrunk()).init(jax.random.key(0), videos, mask, train=False)

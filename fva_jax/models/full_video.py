@@ -51,8 +51,11 @@ trace time, the fastest whose estimated activation memory per device fits
 reports, or ``plans.NO_REPORT_BUDGET_MB`` where it reports none, e.g. CPU); the batch is
 taken to be split over all ``jax.device_count()`` devices (the trainer's data mesh). The
 estimates come from the abstract shapes of the stem's (folded) forward and of its and the
-trunk's VJP residuals (``jax.eval_shape``), for any backbone. The choice is logged once per
-shape; ``choose_plan(model, videos_shape)`` tells it without running anything. The data
+trunk's VJP residuals (``jax.eval_shape``), for any backbone. Applied with ``train=False``
+(evaluation, prediction: no gradient), the model chooses from forward-only estimates instead
+(the live values of the stem's and the trunk's forward passes, ``plans.py``), which let
+longer videos keep a faster plan. The choice is logged once per shape and ``train``;
+``choose_plan(model, videos_shape, train=True)`` tells it without running anything. The data
 path's ``data.frames_per_device`` bounds the frames per device, so it bounds the plans'
 estimates too.
 
@@ -280,9 +283,9 @@ class _FullVideoMethods(nn.Module):
             return None
         return model
 
-    def _item_bytes(self, frame_shape) -> tuple[int, jax.ShapeDtypeStruct, int]:
+    def _item_bytes(self, frame_shape, train: bool = True) -> tuple[int, jax.ShapeDtypeStruct, int]:
         """``plans.per_item_bytes`` of this model's stem (as the clustered passes run it) and
-        trunk (in training), from shapes only."""
+        trunk (in training; with ``train=False`` both forward-only), from shapes only."""
         stem = self.stem.clone(parent=None, _deep_clone=True)
         trunk = self.trunk.clone(parent=None, _deep_clone=True)
         preprocess = self._preprocess_fn()
@@ -297,6 +300,8 @@ class _FullVideoMethods(nn.Module):
             return trunk.init(jax.random.key(0), x, **trunk_kwargs(False, mask))
 
         def trunk_apply(variables, x, mask):
+            if not train:
+                return trunk.apply(variables, x, **trunk_kwargs(False, mask))
             key = jax.random.key(0)
             logits, _ = trunk.apply(
                 variables,
@@ -314,19 +319,23 @@ class _FullVideoMethods(nn.Module):
             init_trunk,
             frame_shape,
             num_clusters=self.num_clusters,
+            forward_only=not train,
         )
 
-    def _choose_plan(self, videos_shape) -> plans.PlanChoice:
+    def _choose_plan(self, videos_shape, train: bool = True) -> plans.PlanChoice:
         budget, source = plans.activation_budget_bytes(self.activation_budget_mb)
         # Per stem and trunk (the run fields set to their defaults), whatever plan is asked.
         defaults = {f.name: f.default for f in dataclasses.fields(self) if f.name in _RUN_FIELDS}
         key, frame_shape = self._cache_key(**defaults), tuple(videos_shape[2:])
         estimates, per_device = plans.estimate(
-            self._item_bytes(frame_shape) if key is None else _per_item_bytes(key, frame_shape),
+            self._item_bytes(frame_shape, train)
+            if key is None
+            else _per_item_bytes(key, frame_shape, train),
             tuple(videos_shape),
             num_clusters=self.num_clusters,
             chunk_size=self.chunk_size,
             device_count=jax.device_count(),
+            forward_only=not train,
         )
         return plans.PlanChoice(
             plan=plans.choose(self.plan, estimates, budget),
@@ -334,12 +343,14 @@ class _FullVideoMethods(nn.Module):
             budget_bytes=budget,
             budget_source=source,
             videos_per_device=per_device,
+            train=train,
         )
 
     def _cluster(self, videos, mask, train):
         if self.is_initializing():  # create the stem's variables once
             self._frames_through_stem(jnp.zeros((1,) + videos.shape[2:], jnp.uint8))
-        choice = self._choose_plan(videos.shape)
+        # train=False runs without gradient (evaluation, prediction): forward-only estimates.
+        choice = self._choose_plan(videos.shape, train)
         plans.log_once(self._cache_key(), choice, videos.shape, type(self).__name__)
         stem_apply, fold = self._clustered_stem(self.stem.clone(parent=None, _deep_clone=True))
         variables = fold(self.stem.variables)
@@ -392,10 +403,10 @@ class _FullVideoMethods(nn.Module):
 
 
 @functools.lru_cache(maxsize=64)
-def _per_item_bytes(model: _FullVideoMethods, frame_shape: tuple) -> tuple:
-    """``model._item_bytes(frame_shape)`` for an unbound model, cached: tracing the stem's VJP
-    takes a while, and the estimate is asked for at every trace (init, grad, eval)."""
-    return model.apply({}, frame_shape, method=type(model)._item_bytes)
+def _per_item_bytes(model: _FullVideoMethods, frame_shape: tuple, train: bool) -> tuple:
+    """``model._item_bytes(frame_shape, train)`` for an unbound model, cached: tracing the
+    stem's VJP takes a while, and the estimate is asked for at every trace (init, grad, eval)."""
+    return model.apply({}, frame_shape, train, method=type(model)._item_bytes)
 
 
 class FullVideo(_FullVideoMethods):
@@ -537,11 +548,12 @@ def dense_indices(length, k: int, stride: int, u=None):
     return jnp.clip(idx, 0, jnp.maximum(length - 1, 0))
 
 
-def choose_plan(model: _FullVideoMethods, videos_shape) -> plans.PlanChoice:
+def choose_plan(model: _FullVideoMethods, videos_shape, train: bool = True) -> plans.PlanChoice:
     """The plan ``model`` (a ``FullVideo`` or ``FullVideoModel``, sampling="cluster") takes for
     videos of ``videos_shape`` (B, T, H, W, 3), with its estimates and budget; traces shapes
-    only, runs nothing."""
-    return model.apply({}, tuple(videos_shape), method=type(model)._choose_plan)
+    only, runs nothing. ``train``: as the model is applied; False (evaluation, prediction:
+    no gradient) chooses from forward-only estimates, so a longer video keeps a faster plan."""
+    return model.apply({}, tuple(videos_shape), train, method=type(model)._choose_plan)
 
 
 __all__ = [

@@ -47,14 +47,32 @@ and trunk (``per_item_bytes``: no formula of a particular network):
                 backward, which recomputes from the frames: pass 1 or the backward peaks)
     recompute = chunk + common
 Parameters, optimizer state and the input videos are not counted: the budget is for
-activations. "auto" takes the first of unchunked, keep_stem, recompute that fits. (The
-estimate stays in this module, which makes it a little over 400 lines, so that each plan's
-formula sits beside the pass it describes and changes with it.)
+activations. "auto" takes the first of unchunked, keep_stem, recompute that fits.
 Against XLA's ``memory_analysis()`` temporaries of a whole training step on CPU (float32,
 K=8, chunk 32, one video): ResNet-50 width 16 at 64 px, unchunked 1.03-1.07x of XLA's
 figure at T=32..128 (the per-frame slope within 2 %), recompute 1.35x, keep_stem up to
 1.8x (conservative); the tiny ResNet-18 width 8 at 32 px, unchunked 0.5x (XLA:CPU keeps
 about twice the residuals of so small a network).
+
+Where the model runs without gradient (``train=False``: evaluation, prediction) nothing is
+kept for a backward pass, so the choice takes *forward-only* estimates
+(``per_item_bytes(..., forward_only=True)``, ``estimate(..., forward_only=True)``), with
+  r = the stem's forward peak per frame: the most bytes live at once while the stem's jaxpr
+      runs (values freed after their last use; ``_live_peak_bytes``), as the slope between
+      8 and 16 frames (so that no parameter-heavy operation decides it),
+  h = the trunk's forward peak per video (K steps, train=False), the same way:
+    common    = v*h + v*K*o*4                        (head; one set of float32 sums)
+    chunk     = v*c*(r + 4*o)                        (one chunk's stem + float32 copy)
+    unchunked = v*T*(r + 4*o) + common               (every frame's stem at once)
+    keep_stem = v*T*o*s + chunk + common             (all kept outputs, one chunk's work)
+    recompute = chunk + common
+A forward's peak is far below a training step's residuals, so long test videos keep a
+faster plan than their training steps get under the same budget. Against XLA's temporaries
+of ``jax.jit(model.apply, train=False)`` on CPU (float32, K=8, chunk 32, one video, each plan
+forced): ResNet-50 width 16 at 64 px, 1.00-1.20x at T=32 and 128; ResNet-18 width 8 at
+32 px, 0.94-0.98x, and unchunked 1.5x at T=128.
+(The estimates stay in this module, which makes it a little over 500 lines, so that each
+plan's formula sits beside the pass it describes and changes with it.)
 """
 
 from __future__ import annotations
@@ -66,6 +84,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 from absl import logging
+from jax.extend import core as jax_core
 
 from fva_jax import clustering
 
@@ -102,12 +121,14 @@ class PlanChoice:
     budget_bytes: int
     budget_source: str
     videos_per_device: int
+    train: bool = True  # False: forward-only estimates (no gradient: evaluation, prediction)
 
     def describe(self) -> str:
         est = ", ".join(f"{p} {b / 2**20:.1f} MiB" for p, b in self.estimates.items())
+        kind = "training step" if self.train else "forward only"
         return (
-            f"plan {self.plan} ({self.videos_per_device} video(s) per device; estimated "
-            f"activation memory {est}; budget {self.budget_bytes / 2**20:.0f} MiB, "
+            f"plan {self.plan} ({kind}; {self.videos_per_device} video(s) per device; "
+            f"estimated activation memory {est}; budget {self.budget_bytes / 2**20:.0f} MiB, "
             f"{self.budget_source})"
         )
 
@@ -122,6 +143,46 @@ def _residual_bytes(fn, params, *inputs) -> int:
     return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(pullback))
 
 
+def _nbytes(var) -> int:
+    aval = var.aval
+    if not hasattr(aval, "shape"):  # tokens
+        return 0
+    return math.prod(aval.shape) * getattr(aval.dtype, "itemsize", 0)
+
+
+def _live_peak_bytes(jaxpr: jax_core.Jaxpr) -> int:
+    """The most bytes live at once while ``jaxpr``'s equations run in order: its inputs all
+    along, each value from its equation to its last use, and inside an equation that calls
+    jaxprs (scan, cond, custom rules, nested jit) the largest of their own peaks. No fusion
+    is assumed, so XLA's peak is lower (the estimate errs on the safe side)."""
+    inputs = set(jaxpr.constvars) | set(jaxpr.invars)
+    last_use = {}
+    for i, eqn in enumerate(jaxpr.eqns):
+        for var in eqn.invars:
+            if isinstance(var, jax_core.Var):
+                last_use[var] = i
+    for var in jaxpr.outvars:
+        if isinstance(var, jax_core.Var):
+            last_use[var] = len(jaxpr.eqns)
+    live = sum(_nbytes(var) for var in inputs)
+    peak = live
+    for i, eqn in enumerate(jaxpr.eqns):
+        inner = max(map(_live_peak_bytes, jax_core.jaxprs_in_params(eqn.params)), default=0)
+        outputs = sum(_nbytes(var) for var in eqn.outvars)
+        peak = max(peak, live + max(outputs, inner))
+        live += outputs
+        used = [var for var in eqn.invars if isinstance(var, jax_core.Var)]
+        for var in dict.fromkeys([*used, *eqn.outvars]):  # freed after their last use
+            if var not in inputs and last_use.get(var, i) == i:
+                live -= _nbytes(var)
+    return peak
+
+
+def _forward_peak_bytes(fn, params, *inputs) -> int:
+    """Bytes live at the peak of ``fn(params, *inputs)`` without gradient (traced, not run)."""
+    return _live_peak_bytes(jax.make_jaxpr(fn)(params, *inputs).jaxpr)
+
+
 def per_item_bytes(
     stem_apply: Callable,
     init_stem: Callable,
@@ -130,21 +191,29 @@ def per_item_bytes(
     frame_shape: tuple,
     *,
     num_clusters: int,
+    forward_only: bool = False,
 ) -> tuple[int, jax.ShapeDtypeStruct, int]:
     """(stem VJP bytes per frame, stem output shape and dtype per frame, trunk VJP bytes per
-    video of K steps), for any stem and trunk, from shapes only (nothing runs).
+    video of K steps), for any stem and trunk, from shapes only (nothing runs). With
+    ``forward_only``: the stem's and the trunk's forward peaks instead of their VJPs'
+    residuals (``_live_peak_bytes``; for ``estimate(..., forward_only=True)``).
 
     Args:
       stem_apply: (variables, uint8 frames (N, *frame_shape)) -> (N, *features), the stem as
         the clustered passes run it (differentiated with respect to ``variables["params"]``).
       init_stem: uint8 frames -> the variables ``stem_apply`` takes.
       trunk_apply: (variables, steps (B, K, *features), mask (B, K) bool) -> logits, in
-        training (differentiated with respect to ``variables["params"]``).
+        training (differentiated with respect to ``variables["params"]``), or without
+        gradient (train=False) for ``forward_only``.
       init_trunk: (steps, mask) -> the trunk's variables.
 
     Residuals hold the parameters once plus a part linear in the batch: the difference
-    between a batch of 2 and of 1 is the part per frame (per video for the trunk).
+    between a batch of 2 and of 1 is the part per frame (per video for the trunk). A forward
+    peak is the parameters plus the live values of one moment, whose operation can change
+    with the batch while parameters weigh as much as activations: its slope is taken
+    between 8 and 16 items, where activations decide.
     """
+    measure, n = (_forward_peak_bytes, 8) if forward_only else (_residual_bytes, 1)
 
     def frames(n):
         return jax.ShapeDtypeStruct((n,) + tuple(frame_shape), jnp.uint8)
@@ -159,7 +228,7 @@ def per_item_bytes(
         return stem_apply({**others, "params": params}, x)
 
     def stem_bytes(n):
-        return _residual_bytes(run_stem, stem_params, frames(n), stem_others)
+        return measure(run_stem, stem_params, frames(n), stem_others)
 
     out = jax.eval_shape(run_stem, stem_params, frames(1), stem_others)
 
@@ -175,30 +244,44 @@ def per_item_bytes(
         return trunk_apply({**others, "params": params}, x, mask)
 
     def trunk_bytes(b):
-        return _residual_bytes(run_trunk, trunk_params, *steps(b), trunk_others)
+        return measure(run_trunk, trunk_params, *steps(b), trunk_others)
 
     return (
-        stem_bytes(2) - stem_bytes(1),
+        -(-(stem_bytes(2 * n) - stem_bytes(n)) // n),
         jax.ShapeDtypeStruct(out.shape[1:], out.dtype),
-        trunk_bytes(2) - trunk_bytes(1),
+        -(-(trunk_bytes(2 * n) - trunk_bytes(n)) // n),
     )
 
 
 def estimate(
-    per_item: tuple, videos_shape, *, num_clusters: int, chunk_size: int, device_count: int
+    per_item: tuple,
+    videos_shape,
+    *,
+    num_clusters: int,
+    chunk_size: int,
+    device_count: int,
+    forward_only: bool = False,
 ) -> tuple[dict, int]:
     """({plan: estimated activation bytes per device}, videos per device); see the docstring.
 
-    per_item: ``per_item_bytes`` of the model's stem and trunk; videos_shape: (B, T, H, W, 3)
-    of the whole batch, which is split over ``device_count`` devices.
+    per_item: ``per_item_bytes`` of the model's stem and trunk (with the same
+    ``forward_only``); videos_shape: (B, T, H, W, 3) of the whole batch, which is split over
+    ``device_count`` devices. forward_only: a pass without gradient (evaluation).
     """
     b, t = videos_shape[:2]
     v = -(-b // device_count)
     r, out, h = per_item
     o = math.prod(out.shape)
     c = min(chunk_size, t)
-    common = v * h + 2 * v * num_clusters * o * 4
     chunk = v * c * (r + 4 * o)
+    if forward_only:  # nothing kept for a backward: no cotangents, the kept outputs stay
+        common = v * h + v * num_clusters * o * 4
+        return {
+            "unchunked": v * t * (r + 4 * o) + common,
+            "keep_stem": v * t * o * out.dtype.itemsize + chunk + common,
+            "recompute": chunk + common,
+        }, v
+    common = v * h + 2 * v * num_clusters * o * 4
     return {
         "unchunked": v * t * (r + 4 * o) + common,
         "keep_stem": max(v * t * o * out.dtype.itemsize + chunk, chunk + common),
@@ -220,11 +303,12 @@ _logged: set = set()
 
 
 def log_once(key, choice: PlanChoice, videos_shape, name: str = "FullVideoModel") -> None:
-    """Logs the plan once per (model, batch shape): tracing repeats for init, grad, eval.
+    """Logs the plan once per (model, batch shape, training or forward only): tracing repeats
+    for init, grad, eval.
 
     key: hashable, the model (None: once per ``name`` and shape); name: the model's class.
     """
-    seen = (name if key is None else key, tuple(videos_shape))
+    seen = (name if key is None else key, tuple(videos_shape), choice.train)
     if seen in _logged:
         return
     _logged.add(seen)
