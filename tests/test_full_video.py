@@ -697,3 +697,45 @@ def test_estimates_and_plans_for_token_features():
     }
     with pytest.raises(TypeError, match="FullVideo's stem must be a flax.linen Module"):
         FullVideo(lambda x: x, TokenTrunk()).init(jax.random.key(0), videos, mask, train=False)
+
+
+class _NoisyTokenTrunk(TokenTrunk):
+    """A trunk that draws from an RNG stream other than "dropout"."""
+
+    @nn.compact
+    def __call__(self, x, *, train, mask):
+        logits = super().__call__(x, train=train, mask=mask)
+        return logits + (jax.random.normal(self.make_rng("noise"), logits.shape) if train else 0)
+
+
+def test_a_user_fold_stem_hook_and_rng_streams_give_one_line_hints():
+    """fold_stem: a folded module built unbound (parent=None) gives the plain stem's results in
+    every plan; one built bound to the model is named with the fix. A trunk drawing from a
+    stream other than "dropout" is named with the fix when the plan is chosen by budget."""
+    rng = np.random.default_rng(4)
+    videos = jnp.asarray(rng.integers(0, 256, (2, 10, 4, 4, 3), np.uint8))
+    mask = jnp.asarray(np.arange(10)[None] < np.array([[10], [7]]))
+
+    def unbound(stem):
+        return stem.clone(parent=None), lambda variables: variables
+
+    def bound(stem):
+        return TokenStem(), lambda variables: variables
+
+    plain = FullVideo(TokenStem(), TokenTrunk(), num_clusters=3, chunk_size=4, plan="unchunked")
+    variables = plain.init(jax.random.key(0), videos, mask, train=False)
+    want, want_seg = plain.apply(variables, videos, mask, train=False)
+    for plan in ("unchunked", "keep_stem", "recompute"):
+        folded = plain.clone(fold_stem=unbound, plan=plan)
+        logits, seg = folded.apply(variables, videos, mask, train=False)
+        np.testing.assert_array_equal(np.asarray(seg), np.asarray(want_seg), err_msg=plan)
+        np.testing.assert_allclose(np.asarray(logits), np.asarray(want), rtol=1e-5, atol=1e-6)
+    with pytest.raises(
+        TypeError, match=r"fold_stem hook built its folded module bound.*parent=None"
+    ):
+        plain.clone(fold_stem=bound, plan="recompute").apply(variables, videos, mask, train=False)
+    noisy = FullVideo(TokenStem(), _NoisyTokenTrunk(), num_clusters=3, chunk_size=4)
+    with pytest.raises(ValueError, match=r'"dropout" RNG stream only.*draw only from "dropout"'):
+        noisy.init(  # a training step chooses its plan from training estimates
+            {"params": jax.random.key(0), "noise": jax.random.key(1)}, videos, mask, train=True
+        )

@@ -7,8 +7,9 @@ Flax stem and any trunk over the K cluster means (the generic module: your own b
 **config.model)``). Both take whole padded videos ``(B, T, H, W, 3)`` uint8 and a frame mask
 ``(B, T)`` (valid frames first, then padding) and return ``(logits (B, num_classes) float32,
 segment_ids (B, T) int32)``. A row whose mask is all False is an empty batch slot (the data
-pipeline fills a step's remaining slots so; no real video has zero frames): in every sampling
-and plan it enters no batch statistics, and its logits are 0.
+pipeline fills a step's remaining slots so; no real video has zero frames): its logits are 0,
+and in ``FullVideoModel`` (in ``FullVideo``: where the stem and trunk honour their masks) it
+enters no batch statistics in any sampling and plan.
 
 The contract of ``FullVideo``'s two modules (features may have any shape):
 
@@ -23,15 +24,17 @@ The contract of ``FullVideo``'s two modules (features may have any shape):
   the stem outputs' dtype, in time order; or K sampled frames), ``mask`` ``(B, K)`` bool, the
   non-empty segments (empty ones are zeros, and should enter no batch statistics). It returns
   ``(B, num_classes)``, or per-step logits ``(B, K, num_classes)`` that the module averages
-  over the non-empty steps. In training it may draw from the "dropout" RNG stream and update
-  a "batch_stats" collection.
+  over the non-empty steps. In training it may draw from the "dropout" RNG stream (no other:
+  the memory estimate traces it with that one) and update a "batch_stats" collection.
 * optional hooks: ``preprocess`` (uint8 frames -> the stem's input, e.g. ImageNet
   normalisation), and ``fold_stem(stem) -> (folded stem, fold)``: a cheaper module for the
   clustered passes that takes the **uint8** frames directly, with ``folded.apply(
   fold(variables), frames, train=False)`` equal to ``stem.apply(variables,
   preprocess(frames), train=False)``; ``fold`` must be differentiable (gradients reach the
-  stem's parameters through it). The ResNet folds its frozen BatchNorms and the ImageNet
-  normalisation into the convolutions (``fold_resnet_stem``).
+  stem's parameters through it). The hook runs inside the model's methods, so a folded
+  module it builds must be unbound: ``Folded(..., parent=None)`` or ``stem.clone(parent=None,
+  ...)``. The ResNet folds its frozen BatchNorms and the ImageNet normalisation into the
+  convolutions (``fold_resnet_stem``).
 
 sampling="cluster" (the method, docs/DESIGN.md §1-§2): the stem's activations of every frame
 -> sign bits -> windowed Hamming distances -> ``clustering.segmenter(cluster_method)`` ->
@@ -89,6 +92,7 @@ import dataclasses
 import functools
 from typing import Any, Callable
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -259,7 +263,13 @@ class _FullVideoMethods(nn.Module):
         kwargs = self._stem_kwargs(False, None)
         fold_stem = self._fold_fn()
         if fold_stem is not None:
-            folded, fold = fold_stem(stem)
+            try:
+                folded, fold = fold_stem(stem)
+            except flax.errors.AssignSubModuleError as error:
+                raise TypeError(
+                    "FullVideo's fold_stem hook built its folded module bound to the model; "
+                    "build it unbound: Folded(..., parent=None) or stem.clone(parent=None, ...)"
+                ) from error
 
             def apply(variables, frames):
                 return folded.apply(variables, frames, **kwargs)
@@ -312,15 +322,22 @@ class _FullVideoMethods(nn.Module):
             )
             return logits
 
-        return plans.per_item_bytes(
-            stem_apply,
-            init_stem,
-            trunk_apply,
-            init_trunk,
-            frame_shape,
-            num_clusters=self.num_clusters,
-            forward_only=not train,
-        )
+        try:
+            return plans.per_item_bytes(
+                stem_apply,
+                init_stem,
+                trunk_apply,
+                init_trunk,
+                frame_shape,
+                num_clusters=self.num_clusters,
+                forward_only=not train,
+            )
+        except flax.errors.InvalidRngError as error:
+            raise ValueError(
+                f"{type(self).__name__}'s memory estimate traces the trunk in training with the "
+                f'"dropout" RNG stream only, and it asked for another ({error}); draw only from '
+                '"dropout" in the trunk'
+            ) from error
 
     def _choose_plan(self, videos_shape, train: bool = True) -> plans.PlanChoice:
         budget, source = plans.activation_budget_bytes(self.activation_budget_mb)
