@@ -11,8 +11,6 @@
   (fva_jax.training.checkpoints), naming the directory and the reason.
 * A lost process of a multi-process run: `LostProcessError`, from the failed collective
   (`lost_process_error`).
-* A training step whose loss or gradient norm is NaN/Inf: `NonFiniteError` (raised by the
-  trainer before anything of that step is saved).
 
 This module imports only the standard library and absl (JAX inside functions):
 fva_jax.main imports it before anything heavy.
@@ -33,10 +31,6 @@ from absl import logging
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM after checkpointing; run it again
 EXIT_CHECKPOINT_WRITE_FAILED = 74  # EX_IOERR: a checkpoint could not be written
 EXIT_LOST_PROCESS = 69  # EX_UNAVAILABLE: another process of a multi-process run was lost
-# EX_DATAERR: training diverged (a NaN/Inf loss or gradient). A rerun resumes from the last
-# good checkpoint and would diverge the same way, and a resume refuses changed settings: start
-# anew in a new workdir with a safer config (learning rate, clipping, dtype).
-EXIT_NON_FINITE = 65
 
 
 class Preempted(BaseException):
@@ -60,16 +54,6 @@ class CheckpointWriteError(RuntimeError):
         super().__init__(message)
         self.errno = errno_
         self.directory = directory
-        self.latest_step = latest_step
-
-
-class NonFiniteError(FloatingPointError):
-    """A training step's loss or gradient norm is NaN/Inf; nothing of that step (or after it)
-    was saved. step: the first such step; latest_step: the last good checkpoint (or None)."""
-
-    def __init__(self, message: str, *, step: int, latest_step: int | None):
-        super().__init__(message)
-        self.step = step
         self.latest_step = latest_step
 
 
@@ -128,7 +112,8 @@ class StopNotice:
     checkpoint writes) the trainer asks `reached(step)` after every step. After
     jax.distributed.initialize nothing is installed: JAX handles SIGTERM and `reached(step)`
     is multihost_utils.reached_preemption_sync_point(step), true at the same step on every
-    process (it must be called at every step, on every process).
+    process (it must be called at every step, on every process); always false when JAX's
+    preemption service is off (jax_enable_preemption_service=False).
     """
 
     def __init__(self):
@@ -139,6 +124,7 @@ class StopNotice:
         self._interruptible: str | None = None  # what is running, while it may be interrupted
         self._previous = None
         self._installed = False
+        self._no_preemption_service = False  # learnt from the first reached(step)
 
     @property
     def received(self) -> bool:
@@ -206,18 +192,28 @@ class StopNotice:
     def reached(self, step: int) -> bool:
         """True when the run should checkpoint `step` and stop. Call it after every step."""
         if self.multi_process:
-            from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-
-            if not _has_preemption_service():  # jax_enable_preemption_service=False
+            if self._no_preemption_service:
                 return False
-            return bool(multihost_utils.reached_preemption_sync_point(step))
+            return self._reached_sync_point(step)
         return self.received
 
+    def _reached_sync_point(self, step: int) -> bool:
+        import jax  # pylint: disable=g-import-not-at-top
+        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
 
-def _has_preemption_service() -> bool:
-    from jax._src import distributed  # pylint: disable=g-import-not-at-top
-
-    return distributed.global_state.preemption_sync_manager is not None
+        try:
+            return bool(multihost_utils.reached_preemption_sync_point(step))
+        except jax.errors.JaxRuntimeError:
+            raise  # the coordination service failed (e.g. a lost process): not "no service"
+        except RuntimeError:
+            # JAX raises a plain RuntimeError when jax_enable_preemption_service=False: no
+            # preemption service, so no sync point ever (as Orbax's reached_preemption does).
+            self._no_preemption_service = True
+            logging.warning(
+                "JAX's preemption service is off (jax_enable_preemption_service=False): "
+                "SIGTERM is not turned into a checkpoint in this multi-process run"
+            )
+            return False
 
 
 # --------------------------------------------------------------------------- lost processes
