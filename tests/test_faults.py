@@ -433,6 +433,33 @@ def test_no_private_jax_api_in_the_package():
     assert not private, private
 
 
+def test_a_run_with_two_workers_ends_without_leaked_shared_memory(data_dir, compile_cache):
+    """Two Grain workers, training and both evaluations with timeline pictures: the run ends
+    without multiprocessing's resource_tracker warning of leaked shared memory (steps that
+    the trainer still held at exit, or that Grain unlinked in a thread that exit stopped)
+    and without any traceback."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            "tests/run_main.py",
+            "--config=configs/demo.py",
+            f"--workdir={data_dir.parent / 'two_workers'}",
+            *flags_for(data_dir, **{"data.num_workers": 2, "eval.num_timeline_videos": 2}),
+        ],
+        cwd=REPO,
+        env=_env(compile_cache),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-4000:]
+    final = json.loads(re.findall(r"FINAL_METRICS (\{.*\})", log)[-1])
+    assert final["step"] == TOTAL_STEPS
+    assert "resource_tracker" not in log and "leaked shared_memory" not in log, log[-2000:]
+    assert "Traceback" not in log and "Exception ignored" not in log, log[-4000:]
+
+
 # ----------------------------------------------------------------------------- full disk
 
 
