@@ -115,7 +115,10 @@ def _close_and_release_shared_memory(iterator) -> None:
     # every unlink requested before it has too.
     del_pool = getattr(SharedMemoryArray, "_del_thread_pool", None)
     if del_pool is not None:
-        del_pool.apply(int)
+        try:
+            del_pool.apply(int)
+        except ValueError:  # "Pool not running": multiprocessing's exit already stopped it
+            pass
 
 
 def _own_shared_memory(tree):
