@@ -11,6 +11,8 @@
   (fva_jax.training.checkpoints), naming the directory and the reason.
 * A lost process of a multi-process run: `LostProcessError`, from the failed collective
   (`lost_process_error`).
+* A training step whose loss or gradient norm is NaN/Inf: `NonFiniteError` (raised by the
+  trainer before anything of that step is saved).
 
 This module imports only the standard library and absl (JAX inside functions):
 fva_jax.main imports it before anything heavy.
@@ -31,6 +33,10 @@ from absl import logging
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM after checkpointing; run it again
 EXIT_CHECKPOINT_WRITE_FAILED = 74  # EX_IOERR: a checkpoint could not be written
 EXIT_LOST_PROCESS = 69  # EX_UNAVAILABLE: another process of a multi-process run was lost
+# EX_DATAERR: training diverged (a NaN/Inf loss or gradient). A rerun resumes from the last
+# good checkpoint and would diverge the same way, and a resume refuses changed settings: start
+# anew in a new workdir with a safer config (learning rate, clipping, dtype).
+EXIT_NON_FINITE = 65
 
 
 class Preempted(BaseException):
@@ -54,6 +60,16 @@ class CheckpointWriteError(RuntimeError):
         super().__init__(message)
         self.errno = errno_
         self.directory = directory
+        self.latest_step = latest_step
+
+
+class NonFiniteError(FloatingPointError):
+    """A training step's loss or gradient norm is NaN/Inf; nothing of that step (or after it)
+    was saved. step: the first such step; latest_step: the last good checkpoint (or None)."""
+
+    def __init__(self, message: str, *, step: int, latest_step: int | None):
+        super().__init__(message)
+        self.step = step
         self.latest_step = latest_step
 
 
@@ -203,11 +219,12 @@ class StopNotice:
 
         try:
             return bool(multihost_utils.reached_preemption_sync_point(step))
-        except jax.errors.JaxRuntimeError:
-            raise  # the coordination service failed (e.g. a lost process): not "no service"
         except RuntimeError:
-            # JAX raises a plain RuntimeError when jax_enable_preemption_service=False: no
-            # preemption service, so no sync point ever (as Orbax's reached_preemption does).
+            # JAX raises RuntimeError when jax_enable_preemption_service=False (no service,
+            # so no sync point ever: as Orbax's reached_preemption). Other RuntimeErrors, e.g.
+            # of a lost process, are the trainer's to report (lost_process_error).
+            if jax.config.jax_enable_preemption_service:
+                raise
             self._no_preemption_service = True
             logging.warning(
                 "JAX's preemption service is off (jax_enable_preemption_service=False): "
