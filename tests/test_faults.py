@@ -368,6 +368,98 @@ def test_exit_statuses(capsys):
         assert len(lines) == 1 and str(error) in lines[0]
 
 
+_SYNC_POINT = """
+import os, signal, sys, time
+import jax
+from fva_jax.training import faults
+
+service = sys.argv[2] == "on"
+jax.config.update("jax_enable_preemption_service", service)
+jax.distributed.initialize(f"127.0.0.1:{sys.argv[1]}", num_processes=1, process_id=0)
+with faults.StopNotice() as notice:
+    assert notice.multi_process
+    print("BEFORE", [notice.reached(step) for step in range(3)], flush=True)
+    if service:
+        os.kill(os.getpid(), signal.SIGTERM)  # JAX's handler starts the sync protocol
+    for step in range(3, 300 if service else 10):
+        if notice.reached(step):
+            print("REACHED", step, flush=True)
+            break
+        time.sleep(0.02)
+    else:
+        print("NEVER REACHED", flush=True)
+jax.distributed.shutdown()
+"""
+
+
+@pytest.mark.parametrize("service", ["on", "off"])
+def test_the_preemption_sync_point_with_and_without_jax_service(service, tmp_path):
+    """One process of jax.distributed: with JAX's preemption service, SIGTERM makes
+    `reached(step)` true at a later step; without it (jax_enable_preemption_service=False,
+    where JAX's sync-point function raises RuntimeError) `reached` is false at every step."""
+    script = tmp_path / "sync_point.py"
+    script.write_text(_SYNC_POINT)
+    out = subprocess.run(
+        [sys.executable, str(script), str(_free_port()), service],
+        cwd=REPO,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-3000:]
+    assert "BEFORE [False, False, False]" in out.stdout, log[-3000:]
+    if service == "on":
+        assert re.search(r"^REACHED \d+$", out.stdout, re.M), log[-3000:]
+    else:
+        assert "NEVER REACHED" in out.stdout, log[-3000:]
+        assert "preemption service is off" in log
+
+
+def test_no_private_jax_api_in_the_package():
+    """fva_jax uses JAX's public API only (jax._src changes without notice between releases)."""
+    import ast
+
+    private = []
+    for path in (REPO / "fva_jax").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            private += [f"{path.relative_to(REPO)}: {n}" for n in names if "._src" in n]
+    assert not private, private
+
+
+def test_a_run_with_two_workers_ends_without_leaked_shared_memory(data_dir, compile_cache):
+    """Two Grain workers, training and both evaluations with timeline pictures: the run ends
+    without multiprocessing's resource_tracker warning of leaked shared memory (steps that
+    the trainer still held at exit, or that Grain unlinked in a thread that exit stopped)
+    and without any traceback."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            "tests/run_main.py",
+            "--config=configs/demo.py",
+            f"--workdir={data_dir.parent / 'two_workers'}",
+            *flags_for(data_dir, **{"data.num_workers": 2, "eval.num_timeline_videos": 2}),
+        ],
+        cwd=REPO,
+        env=_env(compile_cache),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-4000:]
+    final = json.loads(re.findall(r"FINAL_METRICS (\{.*\})", log)[-1])
+    assert final["step"] == TOTAL_STEPS
+    assert "resource_tracker" not in log and "leaked shared_memory" not in log, log[-2000:]
+    assert "Traceback" not in log and "Exception ignored" not in log, log[-4000:]
+
+
 # ----------------------------------------------------------------------------- full disk
 
 

@@ -5,6 +5,7 @@ TensorFlow."""
 import collections
 import json
 import os
+import pathlib
 import re
 import subprocess
 import sys
@@ -386,6 +387,44 @@ def test_steps_in_memory_are_bounded(tmp_path, workers, prefetch):
     assert bound - 1 <= made <= bound, (made, bound)
     assert [next(it)["x"][0] for _ in range(5)] == [1, 2, 3, 4, 5]  # in order
     streams.close_iterator(it)
+
+
+_HOLDS_STEPS_AT_EXIT = """
+import os, sys
+sys.path.insert(0, sys.argv[1])  # tests/, for data_fakes
+import data_fakes
+from fva_jax.data import streams
+
+if __name__ == "__main__":
+    stream = streams.Stream("full", 0, data_fakes.CountingStep(sys.argv[2]), 0, 50, 2, 4)
+    held = [stream.next()["x"] for _ in range(5)]  # e.g. the device prefetch queue
+    assert [int(x[0]) for x in held] == [0, 1, 2, 3, 4], held
+    stream.close()  # drops the steps still buffered in this process and in the workers
+    print("CLOSED", flush=True)
+    os._exit(0)  # no garbage collection: the held steps are still alive at exit
+"""
+
+
+def test_a_stream_with_workers_leaves_no_shared_memory_to_unlink(tmp_path):
+    """Steps read from Grain workers live in shared memory. Once closed, a stream leaves no
+    shared memory name behind, neither of the steps this process still holds at exit nor of
+    those it had buffered: multiprocessing's resource_tracker reports no leak of shared memory,
+    even after an exit without garbage collection (os._exit; the tracker then reports the
+    semaphores of Grain's queues, which no finalizer released: not what this test is about)."""
+    script = tmp_path / "holds_steps.py"
+    script.write_text(_HOLDS_STEPS_AT_EXIT)
+    calls = tmp_path / "calls"
+    calls.mkdir()
+    out = subprocess.run(
+        [sys.executable, str(script), str(pathlib.Path(__file__).parent), str(calls)],
+        env={**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).resolve().parents[1])},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    log = out.stdout + out.stderr
+    assert out.returncode == 0 and "CLOSED" in out.stdout, log[-3000:]
+    assert "leaked shared_memory" not in log and "Traceback" not in log, log[-3000:]
 
 
 # --------------------------------------------------------------------------- hosts

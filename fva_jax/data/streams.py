@@ -10,6 +10,11 @@ No shuffle buffer holds videos: at most `max_steps_in_memory` steps exist at onc
 1 in this process; with workers about prefetch + 2 x num_workers + 1, at least
 4 x num_workers + 1, as Grain buffers each worker's output on both sides).
 
+Steps from workers arrive in Grain's shared memory. A `Stream` unlinks their names as it hands
+them out (the memory is freed when the last array viewing it dies) and, when closed, waits
+for Grain's own unlinking of the steps it dropped: nothing is left for multiprocessing's
+resource_tracker to report as leaked at exit, and no step is copied.
+
 A `Stream` is one running iterator with the global step it stands at, so a training stream
 runs on across epoch boundaries (workers started once, steps of the next epoch prefetched);
 an `EpochIterator` hands out one epoch's steps of it, then StopIteration.
@@ -94,6 +99,49 @@ def close_iterator(iterator) -> None:
         close()
 
 
+def _close_and_release_shared_memory(iterator) -> None:
+    """Closes a Grain iterator with workers, then waits until Grain has unlinked the shared
+    memory of the steps it still buffered. Closing drops them, and Grain unlinks a dropped
+    array's shared memory in a background thread pool, which interpreter exit stops with its
+    queue unrun; multiprocessing's resource_tracker then warns of "leaked shared_memory
+    objects" (and unlinks them itself)."""
+    import gc  # pylint: disable=g-import-not-at-top
+
+    from grain.multiprocessing import SharedMemoryArray  # pylint: disable=g-import-not-at-top
+
+    close_iterator(iterator)
+    gc.collect()  # arrays held by reference cycles (e.g. a traceback's frames) die now
+    # Grain 0.2.18's pool of one thread runs its requests in order: when a no-op has run,
+    # every unlink requested before it has too.
+    del_pool = getattr(SharedMemoryArray, "_del_thread_pool", None)
+    if del_pool is not None:
+        try:
+            del_pool.apply(int)
+        except ValueError:  # "Pool not running": multiprocessing's exit already stopped it
+            pass
+
+
+def _own_shared_memory(tree):
+    """Removes the names of the shared memory a step's arrays live in, as soon as this process
+    has them, and leaves the memory to the arrays: the OS frees it when the last array
+    viewing it dies, or at this process's exit. No name is then left to unlink later: arrays
+    that the trainer still holds at exit (the last batch, the device prefetch queue) leak
+    nothing, and no copy is made. Grain (0.2.18) would otherwise unlink each name when its
+    array is garbage collected, which at interpreter exit does not happen."""
+    from grain.multiprocessing import SharedMemoryArray  # pylint: disable=g-import-not-at-top
+
+    if isinstance(tree, dict):
+        for value in tree.values():
+            _own_shared_memory(value)
+    elif isinstance(tree, (list, tuple)):
+        for value in tree:
+            _own_shared_memory(value)
+    elif isinstance(tree, SharedMemoryArray) and getattr(tree, "_unlink_on_del", False):
+        tree.shm.unlink()  # also tells multiprocessing's resource_tracker
+        tree._unlink_on_del = False  # pylint: disable=protected-access
+    return tree
+
+
 # Finalizers of the streams with worker processes; `_stop_workers_at_exit` runs the live ones.
 _WORKER_STREAMS: set = set()
 
@@ -120,7 +168,9 @@ class Stream:
         self.position = start  # next global step, counted from first_epoch's step 0
         self.stop = stop
         self._iterator = grain_iterator(reader, start, stop, num_workers, prefetch)
-        self._finalizer = weakref.finalize(self, close_iterator, self._iterator)
+        self._with_workers = num_workers > 0
+        close = _close_and_release_shared_memory if self._with_workers else close_iterator
+        self._finalizer = weakref.finalize(self, close, self._iterator)
         if num_workers > 0:
             # (Re)registered after multiprocessing's exit handler (Grain imported it), so it
             # runs before that one: atexit runs the last registered first.
@@ -133,6 +183,8 @@ class Stream:
     def next(self) -> dict:
         batch = next(self._iterator)
         self.position += 1
+        if self._with_workers:
+            _own_shared_memory(batch)
         return batch
 
     def close(self) -> None:

@@ -128,7 +128,8 @@ class StopNotice:
     checkpoint writes) the trainer asks `reached(step)` after every step. After
     jax.distributed.initialize nothing is installed: JAX handles SIGTERM and `reached(step)`
     is multihost_utils.reached_preemption_sync_point(step), true at the same step on every
-    process (it must be called at every step, on every process).
+    process (it must be called at every step, on every process); always false when JAX's
+    preemption service is off (jax_enable_preemption_service=False).
     """
 
     def __init__(self):
@@ -139,6 +140,7 @@ class StopNotice:
         self._interruptible: str | None = None  # what is running, while it may be interrupted
         self._previous = None
         self._installed = False
+        self._no_preemption_service = False  # learnt from the first reached(step)
 
     @property
     def received(self) -> bool:
@@ -206,18 +208,29 @@ class StopNotice:
     def reached(self, step: int) -> bool:
         """True when the run should checkpoint `step` and stop. Call it after every step."""
         if self.multi_process:
-            from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-
-            if not _has_preemption_service():  # jax_enable_preemption_service=False
+            if self._no_preemption_service:
                 return False
-            return bool(multihost_utils.reached_preemption_sync_point(step))
+            return self._reached_sync_point(step)
         return self.received
 
+    def _reached_sync_point(self, step: int) -> bool:
+        import jax  # pylint: disable=g-import-not-at-top
+        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
 
-def _has_preemption_service() -> bool:
-    from jax._src import distributed  # pylint: disable=g-import-not-at-top
-
-    return distributed.global_state.preemption_sync_manager is not None
+        try:
+            return bool(multihost_utils.reached_preemption_sync_point(step))
+        except RuntimeError:
+            # JAX raises RuntimeError when jax_enable_preemption_service=False (no service,
+            # so no sync point ever: as Orbax's reached_preemption). Other RuntimeErrors, e.g.
+            # of a lost process, are the trainer's to report (lost_process_error).
+            if jax.config.jax_enable_preemption_service:
+                raise
+            self._no_preemption_service = True
+            logging.warning(
+                "JAX's preemption service is off (jax_enable_preemption_service=False): "
+                "SIGTERM is not turned into a checkpoint in this multi-process run"
+            )
+            return False
 
 
 # --------------------------------------------------------------------------- lost processes

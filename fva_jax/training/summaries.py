@@ -162,9 +162,9 @@ def timeline_inputs(
     out = []
     for i in np.flatnonzero(np.asarray(local["batch_mask"]))[:count]:
         n = int(np.asarray(local["mask"][i]).sum())
-        out.append(
-            (np.asarray(local["video"][i, :n]), seg[i, :n], int(local["label"][i]), int(pred[i]))
-        )
+        # A copy: a view would keep the whole step (in Grain's shared memory) alive with it.
+        frames = np.array(local["video"][i, :n])
+        out.append((frames, seg[i, :n], int(local["label"][i]), int(pred[i])))
     return out
 
 
