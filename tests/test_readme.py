@@ -24,9 +24,9 @@ def test_ci_runs_the_readme_test_command_verbatim():
     assert (ROOT / config).is_file(), main_command
 
 
-def test_clustering_example_runs_and_prints_segment_sizes():
-    example = re.search(r"```python\n(.*?)```", README, re.S).group(1)
-    proc = subprocess.run(
+def _run_example(example: str) -> subprocess.CompletedProcess:
+    """A README code block run as a fresh Python process on the CPU, from the repository."""
+    return subprocess.run(
         [sys.executable, "-c", example],
         capture_output=True,
         text=True,
@@ -34,6 +34,11 @@ def test_clustering_example_runs_and_prints_segment_sizes():
         timeout=300,
         env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
     )
+
+
+def test_clustering_example_runs_and_prints_segment_sizes():
+    example = re.search(r"```python\n(.*?)```", README, re.S).group(1)
+    proc = _run_example(example)
     assert proc.returncode == 0, proc.stderr
     sizes = np.array(
         [[int(v) for v in re.findall(r"\d+", row)] for row in proc.stdout.strip().splitlines()]
@@ -48,14 +53,7 @@ def test_own_backbone_example_trains_as_printed():
     two optax steps, a finite loss that the first step lowers."""
     section = README.split("## Your own backbone", 1)[1]
     example = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    proc = subprocess.run(
-        [sys.executable, "-c", example],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=300,
-        env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
-    )
+    proc = _run_example(example)
     assert proc.returncode == 0, proc.stderr
     losses = [float(x) for x in re.findall(r"^step \d: loss (\S+)$", proc.stdout, re.M)]
     assert len(losses) == 2 and np.isfinite(losses).all(), proc.stdout
